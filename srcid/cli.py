@@ -1,0 +1,44 @@
+"""The one `srcid` entry point. Each sub-command lives beside the code it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# (sub-command, module that defines `add_parser(subparsers)`); modules import lazily so `srcid --help` is fast.
+COMMANDS: list[tuple[str, str]] = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="srcid",
+        description="Train SRCID models on paired audio/video/text features, export them to ONNX, "
+        "index catalogs and serve /encode and /retrieve over HTTP.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for _, module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"srcid {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

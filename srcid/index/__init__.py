@@ -1,0 +1,1 @@
+"""FAISS indexes over retrieval embeddings, their persistence, and the catalog they derive from."""

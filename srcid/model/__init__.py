@@ -1,0 +1,1 @@
+"""Networks, quantisers, losses and front-ends of SRCID."""

@@ -1,0 +1,1 @@
+"""The FastAPI service: /encode, /retrieve, /items, health and metrics."""

@@ -1,0 +1,1 @@
+"""Data readers, the training loop, export and evaluation."""
