@@ -91,7 +91,11 @@ def write_shards(
             if labels.shape not in ((n,), (n, T)):
                 raise ShardError(f"{split}/labels: shape {labels.shape}, expected {(n,)} or {(n, T)}")
             _save_atomic(sdir / "labels.npy", labels)
-        ids = list(arrays.get("ids") or [f"{split}-{i:06d}" for i in range(n)])
+        else:
+            # a labels.npy left by an earlier write into this folder would be read back as this data's labels
+            (sdir / "labels.npy").unlink(missing_ok=True)
+        # `ids` may be a numpy array of strings, whose truth value is ambiguous: test for None explicitly.
+        ids = [f"{split}-{i:06d}" for i in range(n)] if arrays.get("ids") is None else [str(i) for i in arrays["ids"]]
         if len(ids) != n or len(set(ids)) != n:
             raise ShardError(f"{split}/ids: need {n} distinct ids, got {len(ids)} ({len(set(ids))} distinct)")
         (sdir / "ids.txt").write_text("\n".join(ids) + "\n")
@@ -192,7 +196,7 @@ class Shards:
         ids_path = sdir / "ids.txt"
         if not ids_path.is_file():
             raise FileNotFoundError(f"{ids_path}: missing from the shard folder")
-        ids = ids_path.read_text().split()
+        ids = ids_path.read_text().splitlines()  # lines, not words: an id may hold a space
         if len(ids) != n:
             raise ShardError(f"{ids_path}: {len(ids)} ids, manifest says {n} clips")
         return ShardSplit(name, self.T, self.modalities, arrays, ids)
