@@ -30,6 +30,12 @@ class BadEmbeddingError(BadItemError):
     code = "bad_embedding"
 
 
+class BadQueryError(BadItemError):
+    """A search request is malformed (top_k out of range, unknown modality); the query vector errors are BadEmbeddingError."""
+
+    code = "bad_query"
+
+
 class DuplicateIdError(CatalogError):
     """An add named an id that the catalog already holds; nothing of that add was written."""
 

@@ -1,0 +1,214 @@
+"""Search backends behind one interface: exact inner product over L2-normalised vectors (cosine), or IVF.
+
+- `faiss-cpu-flat`: faiss IndexIDMap over IndexFlatIP (exact), deletions by remove_ids.
+- `faiss-cpu-ivf`: faiss IndexIVFFlat (inner product) from stored centroids, nprobe tuned for recall.
+- `faiss-gpu-flat` / `faiss-gpu-ivf`: the same on faiss GPU resources; no remove_ids there, so the owner
+  masks deleted keys at query time and rebuilds in the background (see ModalityIndex).
+- `torch-cuda-fp16` (or `torch-cpu-fp32` when asked for device="cpu"): blocked exact search; each block's
+  scores are reduced to top-k on the device before the next block, so the full score matrix never exists.
+
+`choose_backend_kind` picks faiss-gpu if the installed faiss has GPUs, else torch on CUDA, else faiss on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+
+from srcid.index.rows import RowTable, grown_capacity
+
+log = logging.getLogger(__name__)
+
+BACKEND_KINDS = ("auto", "faiss-cpu", "faiss-gpu", "torch")
+
+
+@dataclass(frozen=True)
+class IvfParams:
+    """A trained IVF: centroids float32 [nlist, E] (unit norm), the nprobe chosen, and the recall@10 measured for it."""
+
+    centroids: np.ndarray
+    nprobe: int
+    recall_at_10: float
+
+
+class SearchBackend(ABC):
+    """Holds (key int64, vector float32 [E]) pairs and answers top-k inner-product queries."""
+
+    name: str
+    supports_remove: bool = True
+
+    @abstractmethod
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """keys int64 [n] (new), vectors float32 [n, E]."""
+
+    @abstractmethod
+    def remove(self, keys: Sequence[int]) -> None:
+        """Drop present keys. Only called when supports_remove."""
+
+    @abstractmethod
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries float32 [B, E] -> (scores float32 [B, k], keys int64 [B, k]), best first, padded with -1 keys."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+
+class FaissBackend(SearchBackend):
+    """faiss flat (IndexIDMap over IndexFlatIP) or IVFFlat, on the CPU or on faiss GPU resources."""
+
+    def __init__(self, dim: int, ivf: IvfParams | None = None, gpu: bool = False):
+        if ivf is None:
+            cpu_index: Any = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
+        else:
+            quantizer = faiss.IndexFlatIP(dim)
+            quantizer.add(np.ascontiguousarray(ivf.centroids, dtype=np.float32))
+            cpu_index = faiss.IndexIVFFlat(quantizer, dim, len(ivf.centroids), faiss.METRIC_INNER_PRODUCT)
+            # IVFFlat stores raw vectors: its only trained part is the coarse quantizer we just filled.
+            cpu_index.is_trained = True
+            self._quantizer = quantizer  # faiss does not own it: keep it alive
+        self.gpu = gpu
+        if gpu:
+            self._resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._resources, 0, cpu_index)
+            self.supports_remove = False
+        else:
+            self.index = cpu_index
+        if ivf is not None:
+            self.set_nprobe(ivf.nprobe)
+        self.name = f"faiss-{'gpu' if gpu else 'cpu'}-{'flat' if ivf is None else 'ivf'}"
+
+    def set_nprobe(self, nprobe: int) -> None:
+        if self.gpu:
+            faiss.GpuParameterSpace().set_index_parameter(self.index, "nprobe", nprobe)
+        else:
+            self.index.nprobe = nprobe
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(keys, dtype=np.int64))
+
+    def remove(self, keys: Sequence[int]) -> None:
+        self.index.remove_ids(np.asarray(keys, dtype=np.int64))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, keys = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return scores, keys
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+
+class TorchBlockedBackend(SearchBackend):
+    """Exact search with torch: database [n, E] on `device` (fp16 on CUDA, fp32 on CPU by default).
+
+    A query batch [B, E] is scored against blocks of rows sized so that one block's scores [B, rows] fit in
+    `score_budget_bytes` (on an H100 the 50 MB L2 cache): each block is reduced to its top-k on the device,
+    and the per-block winners [B, blocks * k] are merged by one more top-k. Batch 1 thus reads the database
+    once in a single matrix-vector product; large batches never write a full [B, n] score matrix to memory.
+    """
+
+    def __init__(self, dim: int, device: str = "cuda", dtype: Any = None, score_budget_bytes: int = 32 << 20):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.dim = dim
+        self.score_budget_bytes = score_budget_bytes
+        self.table = RowTable()
+        self.db = torch.empty((0, dim), dtype=self.dtype, device=self.device)
+        precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(self.dtype, str(self.dtype))
+        self.name = f"torch-{self.device.type}-{precision}"
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        rows = self.table.append(np.asarray(keys, dtype=np.int64))
+        if rows.stop > self.db.shape[0]:
+            grown = self.torch.empty((grown_capacity(rows.stop, self.db.shape[0]), self.dim), dtype=self.dtype, device=self.device)
+            grown[: rows.start] = self.db[: rows.start]
+            self.db = grown
+        self.db[rows] = self.torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device, self.dtype)
+
+    def remove(self, keys: Sequence[int]) -> None:
+        holes, movers = self.table.remove(keys)
+        if len(holes):
+            self.db[self.torch.from_numpy(holes).to(self.device)] = self.db[self.torch.from_numpy(movers).to(self.device)]
+
+    def block_rows(self, batch: int, k: int) -> int:
+        """Rows per block for a batch of `batch` queries: as many as fit the score budget, at least k."""
+        element = self.torch.finfo(self.dtype).bits // 8
+        return max(k, self.score_budget_bytes // max(1, batch * element))
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        n, batch = self.table.n, len(queries)
+        scores = np.full((batch, k), -np.inf, dtype=np.float32)
+        keys = np.full((batch, k), -1, dtype=np.int64)
+        kk = min(k, n)
+        if kk == 0:
+            return scores, keys
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device, self.dtype)
+            step = self.block_rows(batch, kk)
+            values, rows = [], []
+            for start in range(0, n, step):
+                block = q @ self.db[start : min(n, start + step)].T  # [B, rows]
+                v, i = block.topk(min(kk, block.shape[1]), dim=1)
+                values.append(v)
+                rows.append(i + start)
+            if len(values) == 1:
+                top_v, top_r = values[0], rows[0]
+            else:
+                merged_v, merged_r = torch.cat(values, dim=1), torch.cat(rows, dim=1)
+                top_v, pos = merged_v.topk(kk, dim=1)
+                top_r = merged_r.gather(1, pos)
+            scores[:, :kk] = top_v.float().cpu().numpy()
+            keys[:, :kk] = self.table.keys[top_r.cpu().numpy()]
+        return scores, keys
+
+    def __len__(self) -> int:
+        return self.table.n
+
+
+def faiss_gpu_count() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_backend_kind(requested: str = "auto") -> str:
+    """Resolve "auto" to faiss-gpu, torch (CUDA) or faiss-cpu, in that order of preference; check explicit choices."""
+    if requested not in BACKEND_KINDS:
+        raise ValueError(f"index backend {requested!r}: expected one of {list(BACKEND_KINDS)}")
+    if requested == "faiss-gpu" and faiss_gpu_count() == 0:
+        raise ValueError("index backend faiss-gpu: the installed faiss has no GPU support or sees no GPU")
+    if requested != "auto":
+        return requested
+    if faiss_gpu_count() > 0:
+        return "faiss-gpu"
+    if torch_cuda_available():
+        return "torch"
+    return "faiss-cpu"
+
+
+def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device: str = "cuda") -> SearchBackend:
+    """A fresh, empty backend. IVF runs on faiss only: with kind="torch" an IVF request falls back to exact search."""
+    if kind == "faiss-cpu":
+        return FaissBackend(dim, ivf, gpu=False)
+    if kind == "faiss-gpu":
+        return FaissBackend(dim, ivf, gpu=True)
+    if kind == "torch":
+        if ivf is not None:
+            log.info("torch backend searches exactly; the IVF option is ignored")
+        return TorchBlockedBackend(dim, device=torch_device)
+    raise ValueError(f"index backend {kind!r}: expected faiss-cpu, faiss-gpu or torch")

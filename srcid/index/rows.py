@@ -1,0 +1,95 @@
+"""Dense row bookkeeping shared by the host vector store and the torch backend.
+
+Keys (int64) live in rows 0..n-1 without holes: removal moves surviving tail rows into the holes, so search
+scans one contiguous block and removal costs O(removed) row copies instead of a shift of the whole matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def grown_capacity(needed: int, current: int, minimum: int = 1024) -> int:
+    """Capacity to allocate for `needed` rows: doubling, so n appends cost O(n) copies in total."""
+    capacity = max(current, minimum)
+    while capacity < needed:
+        capacity *= 2
+    return capacity
+
+
+class RowTable:
+    """int64 key -> row, for rows 0..n-1. Holders keep their data matrix in the same row order."""
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, dtype=np.int64)  # [capacity], rows >= n are garbage
+        self.row_of: dict[int, int] = {}
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __contains__(self, key: int) -> bool:
+        return int(key) in self.row_of
+
+    def append(self, keys: np.ndarray) -> slice:
+        """Give rows to new keys [m] (none may be present); return the rows they took."""
+        start, end = self.n, self.n + len(keys)
+        if end > len(self.keys):
+            grown = np.empty(grown_capacity(end, len(self.keys)), dtype=np.int64)
+            grown[: self.n] = self.keys[: self.n]
+            self.keys = grown
+        self.keys[start:end] = keys
+        self.row_of.update(zip(keys.tolist(), range(start, end)))
+        self.n = end
+        return slice(start, end)
+
+    def remove(self, keys: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Drop present keys; return (holes, movers): the holder must copy data rows movers -> holes (all distinct)."""
+        rows = np.array(sorted(self.row_of.pop(int(k)) for k in keys), dtype=np.int64)
+        new_n = self.n - len(rows)
+        holes = rows[rows < new_n]
+        tail = np.arange(new_n, self.n, dtype=np.int64)
+        movers = np.setdiff1d(tail, rows, assume_unique=True)
+        self.keys[holes] = self.keys[movers]
+        self.row_of.update(zip(self.keys[holes].tolist(), holes.tolist()))
+        self.n = new_n
+        return holes, movers
+
+    def rows(self, keys: Sequence[int]) -> np.ndarray:
+        return np.array([self.row_of[int(k)] for k in keys], dtype=np.int64)
+
+
+class VectorStore:
+    """Host copy of an index's vectors float32 [n, E], in RowTable order: what is persisted and rebuilt from."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.table = RowTable()
+        self.vectors = np.empty((0, dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.table.n
+
+    def __contains__(self, key: int) -> bool:
+        return key in self.table
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        rows = self.table.append(keys)
+        if rows.stop > len(self.vectors):
+            grown = np.empty((len(self.table.keys), self.dim), dtype=np.float32)
+            grown[: rows.start] = self.vectors[: rows.start]
+            self.vectors = grown
+        self.vectors[rows] = vectors
+
+    def remove(self, keys: Sequence[int]) -> None:
+        holes, movers = self.table.remove(keys)
+        self.vectors[holes] = self.vectors[movers]
+
+    def live(self) -> tuple[np.ndarray, np.ndarray]:
+        """Views of keys int64 [n] and vectors float32 [n, E]; copy before releasing the owner's lock."""
+        return self.table.keys[: self.table.n], self.vectors[: self.table.n]
+
+    def get(self, keys: Sequence[int]) -> np.ndarray:
+        return self.vectors[self.table.rows(keys)]
