@@ -219,3 +219,10 @@ def test_loader_batches(folder):
     assert tuple(b["video"].shape) == (3, *VIDEO) and tuple(b["text"].shape) == (3, T, 6)
     assert str(b["text_mask"].dtype) == "torch.bool" and str(b["labels"].dtype) == "torch.int64"
     assert tuple(b["labels"].shape) == (3,)
+
+
+def test_object_array_is_not_features(folder):
+    video = _features("x")["video"]
+    _write_zip(folder / "zips" / "vid_dog_2.zip", {"audio": np.full((T, 128), 1.0, dtype=object), "video": video})
+    with pytest.raises(DataError, match=r"vid_dog_2\.zip: audio is ndarray object, expected a numeric array"):
+        open_dataset(folder, "train")[2]
