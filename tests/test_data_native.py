@@ -119,3 +119,14 @@ def test_rewriting_without_labels_drops_the_old_labels(shard_dir):
     unlabeled = {k: v for k, v in splits["train"].items() if k != "labels"}
     write_shards(root, {"train": unlabeled}, MODALITIES, T)
     assert "labels" not in open_dataset(root, "train")[0]
+
+
+def test_open_dataset_on_unknown_paths_and_options(shard_dir, tmp_path):
+    root, _ = shard_dir
+    with pytest.raises(DataError, match="no such file or folder"):
+        open_dataset(tmp_path / "absent", "train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: not a data folder srcid can read; expected one of \['manifest.json'"):
+        open_dataset(tmp_path / "empty", "train")
+    with pytest.raises(DataError, match=r"unknown option\(s\) \['zip_dirs'\]"):
+        open_dataset(root, "train", zip_dirs="zips")

@@ -21,13 +21,14 @@ MARKERS: list[tuple[str, type]] = [
 SYNTHETIC = "synthetic"
 
 
-def _construct(reader: Any, spec: str, *args: Any, **options: Any) -> ItemDataset:
-    params = inspect.signature(reader).parameters
-    unknown = sorted(set(options) - set(params))
+def _check_options(options: dict[str, Any], spec: str, accepted: set[str]) -> None:
+    unknown = sorted(set(options) - accepted)
     if unknown:
-        accepted = sorted(k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
-        raise DataError(f"{spec}: {reader.__name__} takes no option(s) {unknown}; it accepts {accepted}")
-    return reader(*args, **options)
+        raise DataError(f"{spec}: unknown option(s) {unknown}; this format accepts {sorted(accepted)}")
+
+
+def _keyword_names(fn: Any, exclude: tuple[str, ...] = ()) -> set[str]:
+    return {k for k, p in inspect.signature(fn).parameters.items() if p.kind is not p.VAR_KEYWORD} - set(exclude)
 
 
 def open_dataset(spec: str | Path, split: str, **options: Any) -> ItemDataset:
@@ -40,16 +41,18 @@ def open_dataset(spec: str | Path, split: str, **options: Any) -> ItemDataset:
     """
     if str(spec) == SYNTHETIC:
         # Imported here: synthetic builds on this package, so a top-level import would be circular.
-        from srcid.training.synthetic import synthetic_split
+        from srcid.training.synthetic import make_synthetic, synthetic_split
 
-        return _construct(synthetic_split, SYNTHETIC, split, **options)
+        _check_options(options, SYNTHETIC, _keyword_names(make_synthetic, exclude=("stream",)))
+        return synthetic_split(split, **options)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     folder = path.parent if path.is_file() else path
     for marker, reader in MARKERS:
         if (folder / marker).is_file():
-            return _construct(reader, str(folder), folder, split, **options)
+            _check_options(options, str(folder), _keyword_names(reader, exclude=("root", "split")))
+            return reader(folder, split, **options)
     raise DataError(
         f"{folder}: not a data folder srcid can read; expected one of "
         f"{[m for m, _ in MARKERS]} in it (native shards, VGGSound-AVEL40K, AVE-ECCV18), or {SYNTHETIC!r}"
