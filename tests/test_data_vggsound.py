@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from srcid.model.frontends.base import Features
 from srcid.training.data import DataError, VGGSoundAVEL, make_loader, open_dataset
 
 T = 10
@@ -104,6 +105,16 @@ def test_text_from_prompts_through_the_encoder(folder):
     np.testing.assert_array_equal(item["text"], feats[0])
     assert item["text_mask"].tolist() == mask[0].tolist() == [True] * 5 + [False] * 5
     assert open_dataset(folder, "train").fingerprint != ds.fingerprint  # text is part of the data's identity
+
+
+def test_text_front_end_returning_features(folder):
+    def front_end(texts: list[str]) -> Features:  # the srcid.model.frontends calling convention
+        return Features(*word_encoder(texts))
+
+    ds = open_dataset(folder, "train", text_encoder=front_end)
+    np.testing.assert_array_equal(ds[0]["text"], word_encoder([PROMPTS["dog barking"]])[0][0])
+    with pytest.raises(DataError, match=r"text encoder returned mask float32 \[3, 10\], expected bool"):
+        open_dataset(folder, "train", text_encoder=lambda texts: (word_encoder(texts)[0], np.ones((3, T), np.float32)))
 
 
 def test_label_order_from_the_category_list(folder):

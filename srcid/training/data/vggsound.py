@@ -37,8 +37,9 @@ PROMPTS_NAME = "vggsoundCategories2Prompts.csv"
 CATEGORIES_NAME = "VggsoundAVEL40kCategories.txt"
 AV_MODALITIES = ("audio", "video")
 
-# texts [N] -> (features float [N, T, D], mask bool [N, T]; True = a real step)
-TextEncoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+# texts [N] -> (features float [N, T, D], mask bool [N, T]; True = a real step), as a tuple or as an object
+# with .values and .mask (the Features that srcid.model.frontends text front-ends return)
+TextEncoder = Callable[[list[str]], Any]
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,8 @@ class VGGSoundAVEL(Dataset):
             raise DataError(f"{path}: no prompt for categories {missing[:5]} ({len(missing)} in all)")
         # A category from the label list that no clip uses needs no prompt; its name stands in (never read).
         texts = [prompts.get(c, c) for c in self.categories]
-        feats, mask = text_encoder(texts)
+        out = text_encoder(texts)
+        feats, mask = (out.values, out.mask) if hasattr(out, "mask") else out
         feats, mask = np.asarray(feats, dtype=np.float32), np.asarray(mask)
         if feats.ndim != 3 or feats.shape[:2] != (len(texts), self.T):
             raise DataError(f"text encoder returned features {list(feats.shape)}, expected [{len(texts)}, {self.T}, D]")
