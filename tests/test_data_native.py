@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -51,6 +52,17 @@ def test_items_match_what_was_written_and_stay_memory_mapped(shard_dir):
     assert item["video"].dtype == np.float32 and item["text_mask"].dtype == bool
     assert item["text_mask"].tolist() == [True] * 7 + [False] * 3
     np.testing.assert_array_equal(item["labels"], splits["train"]["labels"][0])
+
+
+def test_a_pickled_copy_reopens_the_memory_maps_instead_of_carrying_the_data(tmp_path):
+    big = {"train": _arrays(50)}  # ~65 kB of arrays
+    write_shards(tmp_path / "s", big, MODALITIES, T)
+    ds = open_dataset(tmp_path / "s", "train")
+    blob = pickle.dumps(ds)  # what a spawn-started DataLoader worker receives
+    assert len(blob) < 2000
+    copy = pickle.loads(blob)
+    assert copy.is_memory_mapped() and copy.fingerprint == ds.fingerprint
+    np.testing.assert_array_equal(copy[1]["audio"], big["train"]["audio"][1])
 
 
 def test_open_accepts_the_manifest_path_and_rejects_an_unknown_split(shard_dir):

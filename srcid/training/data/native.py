@@ -36,6 +36,13 @@ class NativeDataset(Dataset):
         self.ids: list[str] = self.split.ids
         self.fingerprint = fingerprint_of({"format": "srcid-shards", "data": shards.fingerprint, "split": split})
 
+    def __getstate__(self) -> dict:
+        # Pickling an np.memmap copies its data; a spawn-started worker would receive the whole split.
+        return {"root": self.root, "split": self.split_name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["split"])
+
     def __len__(self) -> int:
         return len(self.split)
 
