@@ -117,6 +117,8 @@ def test_wrong_key_not_hdf5_and_bad_order(folder):
     _h5(root / "test_order.h5", "order", np.array([3, N]))
     with pytest.raises(DataError, match=r"test_order\.h5: indices must lie in \[0, 12\), got \[3, 12\]"):
         open_dataset(root, "test")
+    _h5(root / "test_order.h5", "order", np.array([[9.0], [6.0]]))  # whole floats in a column are indices
+    assert open_dataset(root, "test").ids == ["9", "6"]
     _h5(root / "test_order.h5", "order", np.array([0.5]))
     with pytest.raises(DataError, match=r"test_order\.h5: order is float64 \[1\], expected integer"):
         open_dataset(root, "test")

@@ -64,7 +64,9 @@ class AVEECCV18(Dataset):
             order = np.asarray(_dataset(f, order_key, order_path)[()])
         self._check_shapes(shapes)
         n, self.T = shapes["audio"][:2]
-        if order.dtype.kind not in "iu" or order.ndim not in (1, 2) or (order.ndim == 2 and order.shape[1] != 1):
+        # whole numbers stored as floats are still indices; anything else is not
+        integral = order.dtype.kind in "iu" or (order.dtype.kind == "f" and np.array_equal(order, np.round(order)))
+        if not integral or order.ndim not in (1, 2) or (order.ndim == 2 and order.shape[1] != 1):
             raise DataError(f"{order_path}: {order_key} is {order.dtype} {list(order.shape)}, expected integer [n]")
         self.order = order.reshape(-1).astype(np.int64)
         if len(self.order) and (self.order.min() < 0 or self.order.max() >= n):
