@@ -1,0 +1,207 @@
+"""Search backends and the per-modality index: exactness, deletions (also on backends without removal), IVF recall."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from srcid.index import modality_index
+from srcid.index.backends import FaissBackend, TorchBlockedBackend, choose_backend_kind, faiss_gpu_count, torch_cuda_available
+from srcid.index.config import IndexConfig
+from srcid.index.ivf import recall_at_10
+from srcid.index.modality_index import ModalityIndex
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(queries: np.ndarray, keys: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    order = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]
+    return keys[order]
+
+
+def test_faiss_exact_matches_numpy_brute_force():
+    rng = np.random.default_rng(0)
+    keys, vectors = np.arange(100, 2100, dtype=np.int64), unit(rng, 2000, 32)
+    backend = FaissBackend(32)
+    backend.add(keys, vectors)
+    queries = unit(rng, 20, 32)
+    scores, found = backend.search(queries, 10)
+    assert (found == brute_force(queries, keys, vectors, 10)).all()
+    assert np.allclose(scores, np.sort(queries @ vectors.T, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+
+@pytest.mark.parametrize("batch,k,budget", [(1, 10, 4096), (7, 1, 4096), (64, 10, 64 * 4 * 300), (33, 50, 1 << 30)])
+def test_torch_blocked_topk_equals_faiss_exact(batch, k, budget):
+    rng = np.random.default_rng(batch)
+    n, dim = 3001, 48  # not a multiple of any block size used
+    keys, vectors = rng.permutation(10**6)[:n].astype(np.int64), unit(rng, n, dim)
+    torch_backend = TorchBlockedBackend(dim, device="cpu", score_budget_bytes=budget)
+    faiss_backend = FaissBackend(dim)
+    for start in range(0, n, 1000):  # several appends: exercises capacity growth
+        torch_backend.add(keys[start : start + 1000], vectors[start : start + 1000])
+        faiss_backend.add(keys[start : start + 1000], vectors[start : start + 1000])
+    blocks = -(-n // torch_backend.block_rows(batch, k))
+    assert budget > 1 << 29 or blocks > 1, "the small budgets must split the database into several blocks"
+    queries = unit(rng, batch, dim)
+    t_scores, t_keys = torch_backend.search(queries, k)
+    f_scores, f_keys = faiss_backend.search(queries, k)
+    assert (t_keys == f_keys).all()
+    assert np.allclose(t_scores, f_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda d: FaissBackend(d), lambda d: TorchBlockedBackend(d, device="cpu", score_budget_bytes=2048)])
+def test_backend_deletions_match_a_fresh_build(make):
+    rng = np.random.default_rng(1)
+    n, dim = 1500, 24
+    keys, vectors = np.arange(1, n + 1, dtype=np.int64), unit(rng, n, dim)
+    backend = make(dim)
+    backend.add(keys, vectors)
+    gone = rng.choice(keys, 400, replace=False)
+    backend.remove(gone[:150].tolist())
+    backend.remove(gone[150:].tolist())
+    live = ~np.isin(keys, gone)
+    queries = unit(rng, 16, dim)
+    _, found = backend.search(queries, 20)
+    assert len(backend) == n - 400
+    assert (found == brute_force(queries, keys[live], vectors[live], 20)).all()
+    assert not np.isin(found, gone).any()
+
+
+def test_search_pads_when_fewer_items_than_k():
+    backend = TorchBlockedBackend(8, device="cpu")
+    backend.add(np.array([5, 6], dtype=np.int64), unit(np.random.default_rng(0), 2, 8))
+    scores, keys = backend.search(unit(np.random.default_rng(1), 3, 8), 4)
+    assert (keys[:, 2:] == -1).all() and set(keys[:, :2].ravel()) == {5, 6} and np.isinf(scores[:, 2:]).all()
+
+
+class NoRemoveFaiss(FaissBackend):
+    """faiss-gpu's limitation on the CPU: adds and searches, but cannot remove ids."""
+
+    supports_remove = False
+
+    def remove(self, keys):
+        raise AssertionError("a backend without removal must never be asked to remove")
+
+
+def _exact_ids(index: ModalityIndex, queries: np.ndarray, k: int) -> list[list[str]]:
+    keys, vectors = index.store.live()
+    return [[index.id_of[key] for key in row] for row in brute_force(queries, keys, vectors, k).tolist()]
+
+
+def test_masked_deletions_and_background_rebuild(monkeypatch):
+    monkeypatch.setattr(modality_index, "make_backend", lambda kind, dim, ivf, device: NoRemoveFaiss(dim, ivf))
+    rng = np.random.default_rng(2)
+    dim = 16
+    index = ModalityIndex("audio", dim, IndexConfig(backend="faiss-cpu", max_masked=10**6), "faiss-cpu")
+    vectors = unit(rng, 600, dim)
+    index.add(np.arange(1, 601, dtype=np.int64), [f"i{n}" for n in range(1, 601)], vectors)
+    index.remove(list(range(1, 301, 5)))  # 60 deletions, all masked
+    assert len(index.masked) == 60 and len(index.backend) == 600 and len(index) == 540
+    queries = unit(rng, 10, dim)
+    assert [[i for i, _ in hits] for hits in index.search(queries, 15)] == _exact_ids(index, queries, 15)
+
+    # Hold the rebuild between its snapshot and its swap, so these writes must travel through its journal.
+    writes_done = threading.Event()
+    build = index._build_backend
+
+    def held_build(*args, **kwargs):
+        writes_done.wait(10)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(index, "_build_backend", held_build)
+    index.rebuild(background=True)
+    old_backend = index.backend
+    index.add(np.arange(601, 651, dtype=np.int64), [f"i{n}" for n in range(601, 651)], unit(rng, 50, dim))
+    index.remove([2, 3, 620])
+    writes_done.set()
+    index.wait_for_rebuild()
+    assert index.backend is not old_backend and index.masked == {2, 3, 620}
+    assert len(index) == 540 + 50 - 3
+    assert len(index.backend) - len(index.masked) == len(index)
+    assert [[i for i, _ in hits] for hits in index.search(queries, 15)] == _exact_ids(index, queries, 15)
+
+    # Past max_masked, the index starts the rebuild itself.
+    index.config = IndexConfig(backend="faiss-cpu", max_masked=20)
+    index.remove(list(range(400, 430)))
+    index.wait_for_rebuild()
+    assert len(index.masked) <= 20 and len(index.backend) - len(index.masked) == len(index)
+    assert [[i for i, _ in hits] for hits in index.search(queries, 15)] == _exact_ids(index, queries, 15)
+
+
+def test_readding_an_id_under_a_new_key_replaces_it():
+    index = ModalityIndex("text", 8, IndexConfig(backend="faiss-cpu"), "faiss-cpu")
+    rng = np.random.default_rng(3)
+    first, second = unit(rng, 2, 8)
+    index.add(np.array([1]), ["x"], first[None])
+    index.add(np.array([1]), ["x"], first[None])  # the same change applied twice: no effect
+    index.add(np.array([9]), ["x"], second[None])
+    assert len(index) == 1 and index.key_of == {"x": 9}
+    assert index.search(second[None], 1)[0][0][0] == "x" and index.search(second[None], 1)[0][0][1] == pytest.approx(1.0)
+
+
+def clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
+    x = centers[rng.integers(len(centers), size=n)] + 1.0 * rng.normal(size=(n, dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ivf_reaches_recall_at_10_of_095_against_exact():
+    rng = np.random.default_rng(4)
+    dim, n = 64, 20_000
+    centers = unit(rng, 100, dim)
+    vectors = clustered(rng, n, dim, centers)
+    config = IndexConfig(kind="ivf", backend="faiss-cpu", ivf_min_items=10_000)
+    index = ModalityIndex("video", dim, config, "faiss-cpu")
+    keys = np.arange(1, n + 1, dtype=np.int64)
+    index.load(keys, [str(k) for k in keys], vectors, ivf=None)
+    assert index.backend.name == "faiss-cpu-ivf" and index.ivf is not None
+    nlist = len(index.ivf.centroids)
+    assert index.ivf.nprobe < nlist, "an nprobe equal to nlist would be exact search, not IVF"
+    assert index.ivf.recall_at_10 >= 0.95
+    # Fresh queries from the same distribution, never seen by the tuning.
+    queries = clustered(rng, 500, dim, centers)
+    _, approx = index.backend.search(queries, 10)
+    exact = brute_force(queries, keys, vectors, 10)
+    recall = recall_at_10(approx, exact)
+    assert recall >= 0.95, f"recall@10 {recall:.3f} with nlist={nlist}, nprobe={index.ivf.nprobe}"
+
+
+def test_backend_choice():
+    if faiss_gpu_count() == 0:
+        with pytest.raises(ValueError, match="no GPU"):
+            choose_backend_kind("faiss-gpu")
+        expected = "torch" if torch_cuda_available() else "faiss-cpu"
+    else:
+        expected = "faiss-gpu"
+    assert choose_backend_kind("auto") == expected
+    with pytest.raises(ValueError, match="expected one of"):
+        choose_backend_kind("annoy")
+
+
+@pytest.mark.skipif(faiss_gpu_count() == 0, reason="the installed faiss has no GPU support or sees no GPU")
+def test_faiss_gpu_matches_cpu():
+    rng = np.random.default_rng(5)
+    keys, vectors = np.arange(5000, dtype=np.int64), unit(rng, 5000, 64)
+    gpu, cpu = FaissBackend(64, gpu=True), FaissBackend(64)
+    gpu.add(keys, vectors)
+    cpu.add(keys, vectors)
+    queries = unit(rng, 32, 64)
+    assert (gpu.search(queries, 10)[1] == cpu.search(queries, 10)[1]).mean() > 0.99
+    assert not gpu.supports_remove
+
+
+@pytest.mark.skipif(not torch_cuda_available(), reason="torch sees no CUDA device")
+def test_torch_cuda_fp16_matches_faiss():
+    rng = np.random.default_rng(6)
+    keys, vectors = np.arange(20000, dtype=np.int64), unit(rng, 20000, 128)
+    cuda, cpu = TorchBlockedBackend(128, device="cuda", score_budget_bytes=1 << 20), FaissBackend(128)
+    cuda.add(keys, vectors)
+    cpu.add(keys, vectors)
+    queries = unit(rng, 64, 128)
+    approx, exact = cuda.search(queries, 10)[1], cpu.search(queries, 10)[1]
+    # fp16 scores may swap near-ties; the sets must still agree almost everywhere.
+    assert recall_at_10(approx, exact) > 0.98
