@@ -121,6 +121,8 @@ def test_label_order_from_the_category_list(folder):
     (folder / "VggsoundAVEL40kCategories.txt").write_text("race car\ndog barking\nchurch bells\nwind\n")
     ds = open_dataset(folder, "train")
     assert ds.num_classes == 4 and [int(ds[i]["labels"]) for i in range(4)] == [1, 2, 1, 0]
+    with pytest.raises(DataError, match=r"csv: categories not in the categories option: \['church bells'\] \(1 in all\)"):
+        open_dataset(folder, "train", categories=["race car", "dog barking"])
 
 
 def test_short_audio_is_padded_like_the_authors_and_strict_mode_refuses_it(folder):

@@ -195,7 +195,9 @@ class VGGSoundAVEL(Dataset):
             }
         )
 
-    def _categories(self, categories, table, csv_path: Path) -> list[str]:
+    def _categories(
+        self, categories: Sequence[str] | str | Path | None, table: list[tuple[str, str, str]], csv_path: Path
+    ) -> list[str]:
         if categories is None and (self.root / CATEGORIES_NAME).is_file():
             categories = self.root / CATEGORIES_NAME
         if isinstance(categories, (str, Path)):
@@ -269,7 +271,9 @@ class VGGSoundAVEL(Dataset):
             raise DataError(f"{path}: {name} has shape {list(x.shape)}, expected [T, features...]")
         return x.astype(np.float32)
 
-    def _encode_prompts(self, text_encoder: TextEncoder, prompts_csv: str | Path | None, table) -> None:
+    def _encode_prompts(
+        self, text_encoder: TextEncoder, prompts_csv: str | Path | None, table: list[tuple[str, str, str]]
+    ) -> None:
         path = Path(prompts_csv) if prompts_csv is not None else self.root / PROMPTS_NAME
         prompts = read_prompts(path)
         used = sorted({c for c, _, _ in table})
