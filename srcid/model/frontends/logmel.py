@@ -98,23 +98,44 @@ class LogMelPatches:
         return Features(patches(padded, self.T).numpy(), mask)
 
 
+def centre_in_time(p: torch.Tensor) -> torch.Tensor:
+    """Shift each patch [N, 96, 64] in time so its energy centroid sits at the middle frame.
+
+    Energy per frame is the mean log-mel above the patch's quietest frame, squared so the word outweighs the
+    noise floor. Frames shifted in from outside take the patch's per-band floor. This removes where in its
+    second the word happens to start, and keeps its temporal shape.
+    """
+    frames = torch.arange(PATCH_FRAMES, device=p.device, dtype=p.dtype)
+    energy = p.mean(-1)
+    weight = (energy - energy.amin(1, keepdim=True)) ** 2
+    centroid = (weight * frames).sum(1) / weight.sum(1).clamp_min(1e-9)
+    shift = torch.round(PATCH_FRAMES // 2 - centroid).long()
+    source = frames.long()[None, :] - shift[:, None]  # [N, 96]: which frame lands at each position
+    inside = (source >= 0) & (source < PATCH_FRAMES)
+    moved = p.gather(1, source.clamp(0, PATCH_FRAMES - 1)[..., None].expand(-1, -1, p.shape[-1]))
+    return torch.where(inside[..., None], moved, p.amin(1, keepdim=True))
+
+
 class LogMelPooled:
     """Audio -> a compact per-second feature [B, T, time_bins * mel_bins] (128 by default).
 
-    Each 96 x 64 patch is average-pooled to 8 time x 16 mel cells (12 frames x 4 bands each), flattened
-    time-major, and standardised per vector (`standardise_rows`): the pooled grid keeps the word's
-    temporal shape (onset, vowel, coda) that a mean over time would lose, while being small enough for
-    a linear probe or the SRCID encoder. docs/FRONTENDS.md gives the probe figures behind this choice.
+    Each 96 x 64 patch is centred in time on its energy (`centre_in_time`, unless centre=False),
+    average-pooled to 8 time x 16 mel cells (12 frames x 4 bands each), flattened time-major, and
+    standardised per vector (`standardise_rows`). The pooled grid keeps the word's temporal shape (onset,
+    vowel, coda) that a mean over time would lose; centring makes that shape line up across steps wherever
+    the word falls in its second. docs/FRONTENDS.md gives the probe figures behind these choices.
     """
 
     name = "logmel-pooled"
     modality = "audio"
 
-    def __init__(self, T: int = DEFAULT_T, time_bins: int = 8, mel_bins: int = 16, std_floor: float = 1.0):
+    def __init__(
+        self, T: int = DEFAULT_T, time_bins: int = 8, mel_bins: int = 16, std_floor: float = 1.0, centre: bool = True
+    ):
         if PATCH_FRAMES % time_bins or MEL_BANDS % mel_bins:
             raise ValueError(f"time_bins must divide {PATCH_FRAMES} and mel_bins {MEL_BANDS}")
         self.T = T
-        self.time_bins, self.mel_bins, self.std_floor = time_bins, mel_bins, std_floor
+        self.time_bins, self.mel_bins, self.std_floor, self.centre = time_bins, mel_bins, std_floor, centre
         self.output_shape: tuple[int, ...] = (time_bins * mel_bins,)
 
     def spec(self) -> dict:
@@ -126,6 +147,7 @@ class LogMelPooled:
             "time_bins": self.time_bins,
             "mel_bins": self.mel_bins,
             "std_floor": self.std_floor,
+            "centre": self.centre,
         }
 
     @torch.inference_mode()
@@ -133,6 +155,8 @@ class LogMelPooled:
         padded, mask = pad_waveforms(batch, self.T)
         p = patches(padded, self.T)  # [B, T, 96, 64]
         B = p.shape[0]
+        if self.centre:
+            p = centre_in_time(p.flatten(0, 1)).reshape(p.shape)
         grid = p.reshape(B, self.T, self.time_bins, PATCH_FRAMES // self.time_bins, self.mel_bins, -1)
         pooled = grid.mean(dim=(3, 5)).reshape(B, self.T, -1).numpy()
         return Features(standardise_rows(pooled, self.std_floor), mask)
