@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -25,6 +26,11 @@ from srcid.index.rows import RowTable, grown_capacity
 log = logging.getLogger(__name__)
 
 BACKEND_KINDS = ("auto", "faiss-cpu", "faiss-gpu", "torch")
+
+# faiss 1.15 on the CPU scores small batches with a SIMD loop and large ones with BLAS, but its default switch-over
+# sits at hundreds of queries; measured here (bench/search.py, E=512) BLAS wins from 4 queries on (7x at 64).
+BLAS_MIN_BATCH = 4
+_BLAS_SWITCH = threading.Lock()  # the threshold is a faiss global: one search at a time may lower it
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,16 @@ class FaissBackend(SearchBackend):
         self.index.remove_ids(np.asarray(keys, dtype=np.int64))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores, keys = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return scores, keys
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.gpu or len(queries) < BLAS_MIN_BATCH:
+            return self.index.search(queries, k)
+        with _BLAS_SWITCH:
+            saved = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = 0
+            try:
+                return self.index.search(queries, k)
+            finally:
+                faiss.cvar.distance_compute_blas_threshold = saved
 
     def __len__(self) -> int:
         return int(self.index.ntotal)

@@ -212,6 +212,20 @@ class CatalogIndex:
         return problems
 
 
+def load_persisted(index: CatalogIndex, index_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Load the index persisted at `index_dir` into `index` as it is (not caught up). Returns (manifest, None), or
+    (manifest or None, why it cannot serve this catalog) leaving `index` empty."""
+    manifest, reason = persist.read_manifest(index_dir)
+    if manifest is not None:
+        reason = index.refusal_reason(manifest)
+    if reason is None:
+        try:
+            index.load(index_dir, manifest)  # type: ignore[arg-type]
+        except (OSError, ValueError, KeyError) as exc:
+            reason = f"its files are unreadable ({exc})"
+    return manifest, reason
+
+
 def open_index_for_catalog(
     catalog: Catalog,
     index_dir: str | Path,
@@ -230,14 +244,7 @@ def open_index_for_catalog(
         raise CatalogMismatchError(f"catalog {catalog.url} holds embeddings of size {catalog.dim}, the service makes {dim}")
     index = CatalogIndex(catalog, config)
     index_dir = Path(index_dir)
-    manifest, reason = persist.read_manifest(index_dir)
-    if manifest is not None:
-        reason = index.refusal_reason(manifest)
-    if reason is None:
-        try:
-            index.load(index_dir, manifest)  # type: ignore[arg-type]
-        except (OSError, ValueError, KeyError) as exc:
-            reason = f"its files are unreadable ({exc})"
+    manifest, reason = load_persisted(index, index_dir)
     if reason is None:
         behind = catalog.version() - index.position
         applied = index.sync()
