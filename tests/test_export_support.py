@@ -71,13 +71,16 @@ def _train_batches(cfg: SRCIDConfig, steps: int, B: int, seed: int):
         yield batch
 
 
-def make_checkpoint(path: Path, cfg: SRCIDConfig, steps: int = 3, B: int = 16, seed: int = 0) -> Path:
+def make_checkpoint(
+    path: Path, cfg: SRCIDConfig, steps: int = 3, B: int = 16, seed: int = 0, **meta
+) -> Path:
+    """Train `steps` steps on AV-Digits (when present) or random clips and save; `meta` adds checkpoint metadata."""
     torch.manual_seed(seed)
     model = SRCID(cfg)
     trainer = TrainStep(model, OptimConfig(), WarmStartConfig(force_step=1))
     for batch in _train_batches(cfg, steps, B, seed):
         trainer.step(batch)
-    meta = {"config": {"model": cfg.model_dump(mode="json")}, "step": trainer.step_count}
+    meta = {"config": {"model": cfg.model_dump(mode="json")}, "step": trainer.step_count, **meta}
     return save_checkpoint(path, model, trainer, meta)
 
 
