@@ -61,12 +61,11 @@ class CatalogIndex:
                     keys.append(batch_keys)
                     ids.extend(batch_ids)
                     vectors.append(batch_vectors)
-                index.ivf = None  # a rebuild retrains IVF on the current data
                 index.load(
                     np.concatenate(keys) if keys else np.empty(0, dtype=np.int64),
                     ids,
                     np.concatenate(vectors) if vectors else np.empty((0, self.dim), dtype=np.float32),
-                    ivf=None,
+                    ivf=None,  # a rebuild retrains IVF on the current data
                 )
             self.position = position
             log.info("index rebuilt from catalog %s at position %d: %s", self.catalog.url, position, self.counts())

@@ -165,6 +165,7 @@ class ModalityIndex:
     def load(self, keys: np.ndarray, ids: Sequence[str], vectors: np.ndarray, ivf: IvfParams | None) -> None:
         """Replace the content with keys [n], ids [n], vectors [n, E] (a persisted snapshot) and build the backend,
         reusing the persisted IVF centroids and nprobe when given."""
+        self.wait_for_rebuild()  # a rebuild in flight would otherwise swap its older content in after us
         with self.lock:
             self.store = VectorStore(self.dim)
             self.store.add(keys, vectors)
