@@ -9,6 +9,7 @@ import sys
 
 # (sub-command, module that defines `add_parser(subparsers)`); modules import lazily so `srcid --help` is fast.
 COMMANDS: list[tuple[str, str]] = [
+    ("train", "srcid.training.train_cli"),
     ("data", "srcid.training.data_cli"),
     ("export", "srcid.training.export"),
     ("index", "srcid.index.cli"),

@@ -215,26 +215,38 @@ class SRCID(nn.Module):
             layer.update_codebook(out.layers[i], out.valid)
 
     @torch.no_grad()
-    def encode(self, modality: str, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
-        """Features of one modality -> codes and retrieval embedding; deterministic in eval mode.
+    def quantized_steps(
+        self, modality: str, x: Tensor, mask: Tensor | None = None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Per-step codes and quantised vectors of one modality, what probes and retrieval are built on.
 
-        x [B, T, *shape], mask [B, T] bool (masked modalities) -> {"layer1": [B, T], "layer2": [B, T] (two-layer
-        models), "embedding": [B, E]}. Layer-1 codes of RVQ-n are the first stage; all stages are "layer1_stages".
+        x [B, T, *shape], mask [B, T] bool (masked modalities) -> (codes per layer [B, T, S], vectors
+        concat(q¹, q²) [B, T, H·layers], valid [B, T]).
         """
         if modality not in self.cfg.modalities:
             raise ValueError(f"unknown modality {modality!r}; this model encodes {self.modalities}")
         valid = self.valid_mask(modality, x, mask)
-        result: dict[str, Tensor] = {}
-        pooled = []
+        codes, vectors = [], []
         h = x
-        for i, layer in enumerate(self.layers()):
-            _, s, _, codes = layer.encode_modality(modality, h, valid)
-            q = layer.quantizer.decode(codes)
-            w = valid.unsqueeze(-1).float()
-            pooled.append((q * w).sum(1) / w.sum(1).clamp_min(1))
-            result[f"layer{i + 1}"] = codes[..., 0]
-            if codes.shape[-1] > 1:
-                result[f"layer{i + 1}_stages"] = codes
-            h = s
-        result["embedding"] = F.normalize(torch.cat(pooled, -1), dim=-1)
+        for layer in self.layers():
+            _, s, _, c = layer.encode_modality(modality, h, valid)
+            codes.append(c)
+            vectors.append(layer.quantizer.decode(c))
+            h = s  # layer 2 reads layer 1's modal-specific result
+        return codes, torch.cat(vectors, -1), valid
+
+    @torch.no_grad()
+    def encode(self, modality: str, x: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Features of one modality -> codes and retrieval embedding; deterministic in eval mode.
+
+        x [B, T, *shape], mask [B, T] bool (masked modalities) -> {"layer1": [B, T], "layer2": [B, T] (two-layer
+        models), "embedding": [B, E]}: the embedding is concat(mean_t q¹, mean_t q²) over valid steps,
+        L2-normalised. Layer-1 codes of RVQ-n are the first stage; all stages are "layer1_stages".
+        """
+        codes, vectors, valid = self.quantized_steps(modality, x, mask)
+        result = {f"layer{i + 1}": c[..., 0] for i, c in enumerate(codes)}
+        if codes[0].shape[-1] > 1:
+            result["layer1_stages"] = codes[0]
+        w = valid.unsqueeze(-1).float()
+        result["embedding"] = F.normalize((vectors * w).sum(1) / w.sum(1).clamp_min(1), dim=-1)
         return result

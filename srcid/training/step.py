@@ -82,8 +82,9 @@ class TrainStep:
         self.model = model
         self.forward = forward or model
         self.cfg = optim
-        self.opt = torch.optim.Adam(model.main_parameters(), lr=optim.lr)
-        self.club_opt = torch.optim.Adam(model.club_parameters(), lr=optim.club_lr)
+        # foreach: one fused kernel per group instead of a loop over ~200 parameters (the default on CUDA only).
+        self.opt = torch.optim.Adam(model.main_parameters(), lr=optim.lr, foreach=True)
+        self.club_opt = torch.optim.Adam(model.club_parameters(), lr=optim.club_lr, foreach=True)
         device = next(model.parameters()).device
         self.warm = WarmStart(warm).to(device)
         self.device = device
