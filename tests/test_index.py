@@ -35,18 +35,23 @@ def test_faiss_exact_matches_numpy_brute_force():
     assert np.allclose(scores, np.sort(queries @ vectors.T, axis=1)[:, ::-1][:, :10], atol=1e-5)
 
 
-@pytest.mark.parametrize("batch,k,budget", [(1, 10, 4096), (7, 1, 4096), (64, 10, 64 * 4 * 300), (33, 50, 1 << 30)])
-def test_torch_blocked_topk_equals_faiss_exact(batch, k, budget):
+@pytest.mark.parametrize(
+    "batch,k,budget,group",
+    [(1, 10, 4096, 8), (7, 1, 4096, 32), (64, 10, 64 * 4 * 300, 1), (33, 50, 1 << 30, 4), (33, 50, 1 << 30, 32)],
+)
+def test_torch_blocked_topk_equals_faiss_exact(batch, k, budget, group):
     rng = np.random.default_rng(batch)
     n, dim = 3001, 48  # not a multiple of any block size used
     keys, vectors = rng.permutation(10**6)[:n].astype(np.int64), unit(rng, n, dim)
-    torch_backend = TorchBlockedBackend(dim, device="cpu", score_budget_bytes=budget)
+    torch_backend = TorchBlockedBackend(dim, device="cpu", score_budget_bytes=budget, group=group)
     faiss_backend = FaissBackend(dim)
     for start in range(0, n, 1000):  # several appends: exercises capacity growth
         torch_backend.add(keys[start : start + 1000], vectors[start : start + 1000])
         faiss_backend.add(keys[start : start + 1000], vectors[start : start + 1000])
-    blocks = -(-n // torch_backend.block_rows(batch, k))
-    assert budget > 1 << 29 or blocks > 1, "the small budgets must split the database into several blocks"
+    rows = torch_backend.block_rows(batch, k)
+    assert budget > 1 << 29 or rows < n, "the small budgets must split the database into several blocks"
+    grouped = group > 1 and min(rows, n) >= 4 * k * group
+    assert grouped == ((batch, group) in [(1, 8), (7, 32), (33, 4)]), "cases must cover both selection paths"
     queries = unit(rng, batch, dim)
     t_scores, t_keys = torch_backend.search(queries, k)
     f_scores, f_keys = faiss_backend.search(queries, k)

@@ -123,9 +123,14 @@ class TorchBlockedBackend(SearchBackend):
     `score_budget_bytes` (on an H100 the 50 MB L2 cache): each block is reduced to its top-k on the device,
     and the per-block winners [B, blocks * k] are merged by one more top-k. Batch 1 thus reads the database
     once in a single matrix-vector product; large batches never write a full [B, n] score matrix to memory.
+
+    Selection within a block is two-stage when the block is large: the maximum of each group of `group`
+    consecutive scores (a bandwidth-bound reduction), top-k over those maxima, then top-k over the k·group
+    scores of the chosen groups. It is exact: each of the k best scores lies in a group whose maximum is at
+    least the k-th best, and at most k groups can have such a maximum. It shrinks the costly top-k `group`-fold.
     """
 
-    def __init__(self, dim: int, device: str = "cuda", dtype: Any = None, score_budget_bytes: int = 32 << 20):
+    def __init__(self, dim: int, device: str = "cuda", dtype: Any = None, score_budget_bytes: int = 32 << 20, group: int = 32):
         import torch
 
         self.torch = torch
@@ -133,6 +138,7 @@ class TorchBlockedBackend(SearchBackend):
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.dim = dim
         self.score_budget_bytes = score_budget_bytes
+        self.group = group
         self.table = RowTable()
         self.db = torch.empty((0, dim), dtype=self.dtype, device=self.device)
         precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(self.dtype, str(self.dtype))
@@ -152,35 +158,55 @@ class TorchBlockedBackend(SearchBackend):
             self.db[self.torch.from_numpy(holes).to(self.device)] = self.db[self.torch.from_numpy(movers).to(self.device)]
 
     def block_rows(self, batch: int, k: int) -> int:
-        """Rows per block for a batch of `batch` queries: as many as fit the score budget, at least k."""
+        """Rows per block for a batch of `batch` queries: as many as fit the score budget, at least k, whole groups."""
         element = self.torch.finfo(self.dtype).bits // 8
-        return max(k, self.score_budget_bytes // max(1, batch * element))
+        rows = max(k, self.score_budget_bytes // max(1, batch * element))
+        return -(-rows // self.group) * self.group
+
+    def _select(self, scores: Any, k: int) -> tuple[Any, Any]:
+        """Top-k (values, column indices) of each row of scores [B, r], k <= r."""
+        torch, g = self.torch, self.group
+        r = scores.shape[1]
+        if g <= 1 or r < 4 * k * g:
+            return scores.topk(k, dim=1)
+        pad = -r % g
+        if pad:
+            scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+        grouped = scores.view(scores.shape[0], -1, g)  # [B, r/g, g]
+        best_groups = grouped.amax(dim=2).topk(k, dim=1).indices  # [B, k]
+        candidates = grouped.gather(1, best_groups[:, :, None].expand(-1, -1, g)).flatten(1)  # [B, k*g]
+        columns = (best_groups[:, :, None] * g + torch.arange(g, device=scores.device)).flatten(1)
+        values, pos = candidates.topk(k, dim=1)
+        return values, columns.gather(1, pos)
+
+    def topk_on_device(self, q: Any, k: int) -> tuple[Any, Any]:
+        """Queries q [B, E] (on the device, database dtype), 1 <= k <= n -> (scores [B, k], rows [B, k]) on the device."""
+        torch, n = self.torch, self.table.n
+        step = self.block_rows(len(q), k)
+        values, rows = [], []
+        for start in range(0, n, step):
+            block = q @ self.db[start : min(n, start + step)].T  # scores [B, rows]
+            v, i = self._select(block, min(k, block.shape[1]))
+            values.append(v)
+            rows.append(i + start)
+        if len(values) == 1:
+            return values[0], rows[0]
+        top, pos = torch.cat(values, dim=1).topk(k, dim=1)
+        return top, torch.cat(rows, dim=1).gather(1, pos)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
-        n, batch = self.table.n, len(queries)
+        batch = len(queries)
         scores = np.full((batch, k), -np.inf, dtype=np.float32)
         keys = np.full((batch, k), -1, dtype=np.int64)
-        kk = min(k, n)
+        kk = min(k, self.table.n)
         if kk == 0:
             return scores, keys
         with torch.inference_mode():
             q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device, self.dtype)
-            step = self.block_rows(batch, kk)
-            values, rows = [], []
-            for start in range(0, n, step):
-                block = q @ self.db[start : min(n, start + step)].T  # [B, rows]
-                v, i = block.topk(min(kk, block.shape[1]), dim=1)
-                values.append(v)
-                rows.append(i + start)
-            if len(values) == 1:
-                top_v, top_r = values[0], rows[0]
-            else:
-                merged_v, merged_r = torch.cat(values, dim=1), torch.cat(rows, dim=1)
-                top_v, pos = merged_v.topk(kk, dim=1)
-                top_r = merged_r.gather(1, pos)
-            scores[:, :kk] = top_v.float().cpu().numpy()
-            keys[:, :kk] = self.table.keys[top_r.cpu().numpy()]
+            top, rows = self.topk_on_device(q, kk)
+            scores[:, :kk] = top.float().cpu().numpy()
+            keys[:, :kk] = self.table.keys[rows.cpu().numpy()]
         return scores, keys
 
     def __len__(self) -> int:
