@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from srcid.cli import main as srcid_main
-from srcid.index import persist
 from srcid.index.catalog import open_catalog
 from srcid.index.catalog_index import open_index_for_catalog
 from srcid.index.config import IndexConfig
