@@ -138,6 +138,10 @@ def test_ivf_index_persists_its_centroids_and_nprobe(tmp_path):
         loaded = open_index_for_catalog(cat, tmp_path / "ix", config=config)
         assert np.array_equal(loaded.modalities["audio"].ivf.centroids, built.modalities["audio"].ivf.centroids)
         assert loaded.search("audio", vec(7), 1)[0][0][0] == "a7"
+        # A modality that grows past ivf_min_items gets its IVF at the next start.
+        cat.add([make_item(f"t{n}", "text", vec(5000 + n), DIM) for n in range(999)])
+        grown = open_index_for_catalog(cat, tmp_path / "ix", config=config)
+        assert grown.modalities["text"].backend.name == "faiss-cpu-ivf"
         # Asking for exact search refuses the IVF index and rebuilds a flat one.
         flat = open_index_for_catalog(cat, tmp_path / "ix", config=CPU)
         assert flat.modalities["audio"].backend.name == "faiss-cpu-flat"

@@ -162,6 +162,10 @@ class CatalogIndex:
                     "the catalog lost writes or was replaced")
         if manifest.get("kind") != self.config.kind:
             return f"it is a {manifest.get('kind')!r} index, {self.config.kind!r} was asked for"
+        if self.config.kind == "ivf" and self.backend_kind != "torch":
+            for modality, entry in manifest.get("modalities", {}).items():
+                if "centroids" not in entry and int(entry.get("count", 0)) >= self.config.ivf_min_items:
+                    return f"{modality} has grown to {entry['count']} items, past ivf_min_items: IVF is to be trained"
         return None
 
     def describe(self) -> dict[str, Any]:

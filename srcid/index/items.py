@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -140,22 +139,19 @@ def make_item(
 
 
 def check_batch(items: Sequence[Item], dim: int) -> list[Item]:
-    """Re-check a batch of items for a write: size E, unit norm, distinct ids. Returns them as a list."""
+    """Validate a batch for a write, every field as make_item does (an Item built by hand gets no shortcut),
+    and that its ids are distinct. Returns the validated items."""
     items = list(items)
     if not items:
         raise BadItemError("add: no items given")
+    checked: list[Item] = []
     seen: set[str] = set()
     for item in items:
         if not isinstance(item, Item):
             raise BadItemError(f"add: expected Item objects (use make_item), got {type(item).__name__}")
-        if item.embedding.shape != (dim,) or item.embedding.dtype != np.float32:
-            raise BadEmbeddingError(
-                f"item {item.id!r}: embedding must be float32 [{dim}], got {item.embedding.dtype} {list(item.embedding.shape)}"
-            )
-        norm = float(np.linalg.norm(item.embedding))
-        if not math.isfinite(norm) or abs(norm - 1.0) > 1e-3:
-            raise BadEmbeddingError(f"item {item.id!r}: embedding is not L2-normalised (norm {norm:.4g}); use make_item")
+        item = make_item(item.id, item.modality, item.embedding, dim, item.metadata, item.codes)
         if item.id in seen:
             raise DuplicateIdError(f"add: id {item.id!r} appears twice in one request")
         seen.add(item.id)
-    return items
+        checked.append(item)
+    return checked
