@@ -162,11 +162,17 @@ class CatalogIndex:
                     "the catalog lost writes or was replaced")
         if manifest.get("kind") != self.config.kind:
             return f"it is a {manifest.get('kind')!r} index, {self.config.kind!r} was asked for"
-        if self.config.kind == "ivf" and self.backend_kind != "torch":
-            for modality, entry in manifest.get("modalities", {}).items():
-                if "centroids" not in entry and int(entry.get("count", 0)) >= self.config.ivf_min_items:
-                    return f"{modality} has grown to {entry['count']} items, past ivf_min_items: IVF is to be trained"
         return None
+
+    def train_grown_ivf(self) -> bool:
+        """With kind="ivf", give IVF to every exact modality that has grown past ivf_min_items; True if any did."""
+        if self.config.kind != "ivf" or self.backend_kind == "torch":
+            return False
+        grown = [m for m, ix in self.modalities.items() if ix.ivf is None and len(ix) >= self.config.ivf_min_items]
+        for modality in grown:
+            log.info("%s has %d items, past ivf_min_items: training its IVF", modality, len(self.modalities[modality]))
+            self.modalities[modality].rebuild(retrain=True)
+        return bool(grown)
 
     def describe(self) -> dict[str, Any]:
         """What /readyz and `srcid index stats` show."""
@@ -253,7 +259,7 @@ def open_index_for_catalog(
         applied = index.sync()
         log.info("index at %s loaded at position %d, caught up %d changes (%d behind)", index_dir,
                  int(manifest["position"]), applied, behind)  # type: ignore[index]
-        changed = applied > 0
+        changed = index.train_grown_ivf() or applied > 0
     else:
         level = logging.INFO if manifest is None and "no manifest" in reason else logging.WARNING
         log.log(level, "index at %s not used: %s; rebuilding from catalog %s", index_dir, reason, catalog.url)
