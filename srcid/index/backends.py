@@ -78,6 +78,7 @@ class FaissBackend(SearchBackend):
             cpu_index.is_trained = True
             self._quantizer = quantizer  # faiss does not own it: keep it alive
         self.gpu = gpu
+        self.nlist = 0 if ivf is None else len(ivf.centroids)
         if gpu:
             self._resources = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self._resources, 0, cpu_index)

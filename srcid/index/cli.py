@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "persisted manifest, the catalog's counts and the backend as JSON. verify: load the persisted index, catch "
         "it up in memory, compare counts, ids and a sample of vectors with the catalog; exit 1 on any mismatch.",
     )
-    parser.add_argument("action", choices=["build", "stats", "verify"])
+    parser.add_argument("action", choices=["build", "stats", "verify"],
+                        help="build: rebuild from the catalog and save; stats: show; verify: check against the catalog")
     parser.add_argument("--catalog", required=True, help="catalog URL: sqlite:///path/catalog.db or redis://host:port/db")
     parser.add_argument("--index-dir", required=True, type=Path, help="folder holding manifest.json and the index files")
     parser.add_argument("--bundle-version", default=None, help="model bundle version (required when the catalog is new)")
@@ -32,12 +33,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", choices=["auto", "faiss-cpu", "faiss-gpu", "torch"], default="auto",
                         help="auto: faiss-gpu if available, else torch on CUDA, else faiss on CPU")
     parser.add_argument("--ivf-min-items", type=int, default=50_000, help="modalities smaller than this stay exact")
+    parser.add_argument("--ivf-target-recall", type=float, default=0.95,
+                        help="IVF: smallest nprobe whose measured recall@10 against exact search reaches this")
     parser.add_argument("--sample", type=int, default=100, help="verify: items per modality whose vectors are compared")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = IndexConfig(kind=args.kind, backend=args.backend, ivf_min_items=args.ivf_min_items)
+    config = IndexConfig(kind=args.kind, backend=args.backend, ivf_min_items=args.ivf_min_items,
+                         ivf_target_recall=args.ivf_target_recall)
     with open_catalog(args.catalog, args.dim, args.bundle_version) as catalog:
         if args.action == "build":
             index = CatalogIndex(catalog, config)

@@ -56,7 +56,7 @@ def tune_nprobe(
     q = np.ascontiguousarray(vectors[pick])
     _, rows = faiss.knn(q, np.ascontiguousarray(vectors), 11, metric=faiss.METRIC_INNER_PRODUCT)
     exact = _drop_self(keys[rows], keys[pick], 10)
-    nlist = int(faiss.extract_index_ivf(backend.index).nlist) if not backend.gpu else int(backend.index.nlist)
+    nlist = backend.nlist
     recall = 0.0
     for nprobe in [p for p in NPROBE_STEPS if p < nlist] + [nlist]:
         backend.set_nprobe(nprobe)
