@@ -13,6 +13,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("data", "srcid.training.data_cli"),
     ("export", "srcid.training.export"),
     ("index", "srcid.index.cli"),
+    ("eval", "srcid.training.eval_cli"),
 ]
 
 
