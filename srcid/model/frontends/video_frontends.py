@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import DEFAULT_T, Features, load_safetensors_into, standardise_rows
+from .base import DEFAULT_T, Features, describe, load_safetensors_into, standardise_rows
 from .torch_util import conv_stack, pick_device, run_batched
 
 VideoItem = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
@@ -58,14 +58,7 @@ class Pixels:
         self.output_shape: tuple[int, ...] = (size * size,)
 
     def spec(self) -> dict:
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "output_shape": list(self.output_shape),
-            "T": self.T,
-            "size": self.size,
-            "std_floor": self.std_floor,
-        }
+        return describe(self, size=self.size, std_floor=self.std_floor)
 
     @torch.inference_mode()
     def __call__(self, batch: Sequence[VideoItem]) -> Features:
@@ -111,13 +104,7 @@ class VGG19Pool5:
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def spec(self) -> dict:
-        return {
-            "name": self.name,
-            "modality": self.modality,
-            "output_shape": list(self.output_shape),
-            "T": self.T,
-            "weights": Path(self.weights).name,
-        }
+        return describe(self, weights=Path(self.weights).name)
 
     @torch.inference_mode()
     def __call__(self, batch: Sequence[VideoItem]) -> Features:
