@@ -180,8 +180,10 @@ def test_pixels_recover_an_upscaled_8x8_digit():
     digit = load_digits().images[5] / 16.0
     big = (np.kron(digit, np.ones((4, 4)))[..., None].repeat(3, -1) * 255).round().astype(np.uint8)
     fe = get_frontend("pixels", T=3)
-    feats = fe([(big[None], np.array([True]))])
-    assert feats.values.shape == (1, 3, 64) and feats.mask.tolist() == [[True, False, False]]
+    bigger = np.kron(big, np.ones((2, 2, 1), np.uint8))  # the same digit at 64 x 64 in the same batch
+    feats = fe([(big[None], np.array([True])), bigger[None]])
+    assert feats.values.shape == (2, 3, 64) and feats.mask.tolist() == [[True, False, False]] * 2
+    np.testing.assert_allclose(feats.values[1], feats.values[0], atol=1e-5)
     expected = (digit - digit.mean()) / digit.std()
     np.testing.assert_allclose(feats.values[0, 0], expected.reshape(-1), atol=0.02)
     np.testing.assert_allclose(feats.values[0, 1:], 0.0)  # padded black frames stay at zero

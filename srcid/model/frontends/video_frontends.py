@@ -23,24 +23,27 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def stack_video(batch: Sequence[VideoItem], T: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Items -> float32 RGB in [0, 1], [B, T, 3, H, W], and mask [B, T]. All items must share one frame size."""
-    frames, masks = [], []
+def resized_steps(batch: Sequence[VideoItem], T: int, size: int, mode: str) -> tuple[torch.Tensor, np.ndarray]:
+    """Items -> float32 RGB in [0, 1] resized to size x size, [B * T, 3, size, size], and mask [B, T].
+
+    Each item is resized on its own, so clips of different frame sizes can share a batch.
+    """
+    out, masks = [], []
     for i, item in enumerate(batch):
         x, m = item if isinstance(item, tuple) else (item, np.ones(len(item), dtype=bool))
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
             raise ValueError(f"video item {i}: expected uint8 RGB frames [t, H, W, 3], got {x.dtype} {x.shape}")
-        if frames and x.shape[1:] != frames[0].shape[1:]:
-            raise ValueError(f"video item {i}: frame size {x.shape[1:3]} differs from item 0's {frames[0].shape[1:3]}")
-        pad = np.zeros((T, *x.shape[1:]), dtype=np.uint8)
-        mask = np.zeros(T, dtype=bool)
         n = min(len(x), T)
-        pad[:n], mask[:n] = x[:n], np.asarray(m[:n], dtype=bool)
-        frames.append(pad)
+        frames = torch.from_numpy(x[:n]).permute(0, 3, 1, 2).float().div_(255.0)
+        small = F.interpolate(frames, size=(size, size), mode=mode, **({"antialias": True} if mode == "bilinear" else {}))
+        padded = torch.zeros((T, 3, size, size))
+        padded[:n] = small
+        mask = np.zeros(T, dtype=bool)
+        mask[:n] = np.asarray(m[:n], dtype=bool)
+        out.append(padded)
         masks.append(mask)
-    x = torch.from_numpy(np.stack(frames)).permute(0, 1, 4, 2, 3).float().div_(255.0)
-    return x, np.stack(masks)
+    return torch.cat(out), np.stack(masks)
 
 
 class Pixels:
@@ -62,11 +65,10 @@ class Pixels:
 
     @torch.inference_mode()
     def __call__(self, batch: Sequence[VideoItem]) -> Features:
-        x, mask = stack_video(batch, self.T)  # [B, T, 3, H, W]
-        B = x.shape[0]
-        luma = torch.tensordot(x, torch.tensor([0.299, 0.587, 0.114]), dims=([2], [0]))  # [B, T, H, W]
-        small = F.interpolate(luma.reshape(B * self.T, 1, *luma.shape[-2:]), size=(self.size, self.size), mode="area")
-        return Features(standardise_rows(small.reshape(B, self.T, -1).numpy(), self.std_floor), mask)
+        # Area averaging is linear, so averaging RGB first and taking luma after equals the other order.
+        x, mask = resized_steps(batch, self.T, self.size, "area")  # [B * T, 3, size, size]
+        luma = torch.tensordot(x, torch.tensor([0.299, 0.587, 0.114]), dims=([1], [0]))  # [B * T, size, size]
+        return Features(standardise_rows(luma.reshape(len(batch), self.T, -1).numpy(), self.std_floor), mask)
 
 
 class VGG19Net(torch.nn.Module):
@@ -108,9 +110,7 @@ class VGG19Pool5:
 
     @torch.inference_mode()
     def __call__(self, batch: Sequence[VideoItem]) -> Features:
-        x, mask = stack_video(batch, self.T)
-        B = x.shape[0]
-        x = F.interpolate(x.flatten(0, 1), size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+        x, mask = resized_steps(batch, self.T, 224, "bilinear")
         x = (x - self.mean) / self.std
         maps = run_batched(self.net, x, self.batch_size, self.device)  # [B*T, 512, 7, 7]
-        return Features(maps.permute(0, 2, 3, 1).reshape(B, self.T, 7, 7, 512).numpy(), mask)
+        return Features(maps.permute(0, 2, 3, 1).reshape(len(batch), self.T, 7, 7, 512).numpy(), mask)
