@@ -35,7 +35,7 @@ def centred(p: np.ndarray) -> np.ndarray:
 
 
 CANDIDATES = {
-    "centred, pooled 8x16, row-standardised [chosen: logmel-pooled]": lambda p: standardise_rows(pool(centred(p), 8, 16), 1.0),
+    "centred, pooled 8x16, row-standardised [chosen]": lambda p: standardise_rows(pool(centred(p), 8, 16), 1.0),
     "centred, pooled 8x16, raw log-mel": lambda p: pool(centred(p), 8, 16),
     "centred, pooled 4x32, row-standardised": lambda p: standardise_rows(pool(centred(p), 4, 32), 1.0),
     "centred, pooled 12x16 (192-d), row-standardised": lambda p: standardise_rows(pool(centred(p), 12, 16), 1.0),

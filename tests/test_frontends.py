@@ -39,7 +39,8 @@ def reference_log_mel(wave: np.ndarray) -> np.ndarray:
     mel = lambda f: 1127.0 * np.log(1.0 + np.asarray(f) / 700.0)  # noqa: E731
     bin_mel = mel(np.arange(n_fft // 2 + 1) * (SR / 2) / (n_fft // 2))
     edges = np.linspace(mel(125.0), mel(7500.0), 66)
-    weights = np.stack([np.interp(bin_mel, edges[i : i + 3], [0.0, 1.0, 0.0], left=0.0, right=0.0) for i in range(64)], 1)
+    weights = np.stack([np.interp(bin_mel, edges[i : i + 3], [0.0, 1.0, 0.0], left=0.0, right=0.0)
+                        for i in range(64)], axis=1)
     weights[0] = 0.0
     return np.log(spec @ weights + 0.01)
 
@@ -238,7 +239,8 @@ def test_vgg19_pool5_shape_layout_and_determinism(tmp_path):
     # channels last: the same numbers as the network's [512, 7, 7] output
     x = torch.nn.functional.interpolate(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, size=(224, 224),
                                         mode="bilinear", antialias=True, align_corners=False)
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     with torch.no_grad():
         direct = fe.net(x)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(a.values[0, 0], direct, atol=1e-4 * float(np.abs(direct).max()))

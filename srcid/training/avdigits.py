@@ -183,7 +183,8 @@ def build_raw(fsdd_dir: str | Path, out_dir: str | Path, config: BuildConfig = B
                          "labels": " ".join(str(int(l)) for l in labels[c])})
     _write_csv(out / "sources.csv", sources)
     (out / "README.md").write_text(FSDD_ATTRIBUTION)
-    (out / "build.json").write_text(json.dumps({"config": asdict(config), "fsdd": str(Path(fsdd_dir).resolve())}, indent=2))
+    build = {"config": asdict(config), "fsdd": str(Path(fsdd_dir).resolve())}
+    (out / "build.json").write_text(json.dumps(build, indent=2))
     manifest = _write_csv(out / "manifest.csv", rows)  # last: a manifest means the build completed
     log.info("avdigits raw: %d clips in %.1f s -> %s", len(rows), time.perf_counter() - started, out)
     return manifest
@@ -334,7 +335,9 @@ def probe(shards_dir: str | Path, train: str = "train", test: str = "test", seed
     def steps(split, m):
         x = np.asarray(split.arrays[m], dtype=np.float32).reshape(len(split) * shards.T, -1)
         y = np.asarray(split.arrays["labels"]).reshape(-1)
-        keep = np.asarray(split.arrays[f"{m}_mask"]).reshape(-1) if shards.modalities[m]["masked"] else np.ones_like(y, bool)
+        keep = np.ones_like(y, bool)
+        if shards.modalities[m]["masked"]:
+            keep = np.asarray(split.arrays[f"{m}_mask"]).reshape(-1)
         return x[keep], y[keep]
 
     result = {}

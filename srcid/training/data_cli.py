@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
     build.add_argument("--fsdd", required=True, type=Path, help="folder of FSDD WAVs named DIGIT_SPEAKER_TAKE.wav")
     build.add_argument("--out", required=True, type=Path, help="output folder (gets raw/ and shards/)")
     defaults = avdigits.BuildConfig()
-    build.add_argument("--train-clips", type=int, default=defaults.train_clips, help="training clips (default %(default)s)")
+    build.add_argument("--train-clips", type=int, default=defaults.train_clips,
+                       help="training clips (default %(default)s)")
     build.add_argument("--test-clips", type=int, default=defaults.test_clips, help="test clips (default %(default)s)")
     build.add_argument("--background", type=float, default=defaults.background,
                        help="probability that a step is background (default %(default)s)")
@@ -61,7 +62,8 @@ def add_parser(subparsers) -> None:
 def _add_featurize_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--audio-frontend", default="logmel-pooled",
                         help="logmel-pooled (default, 128-d), vggish (needs --audio-weights), logmel (96x64)")
-    parser.add_argument("--video-frontend", default="pixels", help="pixels (default, 64-d), vgg19-pool5 (needs --video-weights)")
+    parser.add_argument("--video-frontend", default="pixels",
+                        help="pixels (default, 64-d), vgg19-pool5 (needs --video-weights)")
     parser.add_argument("--text-frontend", default="minilm", help="minilm (default, 384-d), bert (needs --text-model)")
     parser.add_argument("--audio-weights", type=Path, help="safetensors file for vggish")
     parser.add_argument("--video-weights", type=Path, help="safetensors file for vgg19-pool5")
@@ -101,7 +103,8 @@ def run_avdigits(args: argparse.Namespace) -> int:
     avdigits.featurize(args.out / "raw", args.out / "shards", _frontends(args), args.T, args.batch_size,
                        avdigits.NUM_CLASSES)
     done = time.perf_counter()
-    timing = {"raw_s": round(built - started, 1), "featurize_s": round(done - built, 1), "total_s": round(done - started, 1)}
+    timing = {"raw_s": round(built - started, 1), "featurize_s": round(done - built, 1),
+              "total_s": round(done - started, 1)}
     (args.out / "timing.json").write_text(json.dumps(timing, indent=2))
     log.info("avdigits built in %.1f s (raw %.1f s, featurize %.1f s) -> %s", done - started, built - started,
              done - built, args.out)

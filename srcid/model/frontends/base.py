@@ -1,4 +1,4 @@
-"""What every front-end shares: the `FrontEnd` protocol, its output, and weight loading that names the file it wanted."""
+"""What every front-end shares: the `FrontEnd` protocol, its output, and weight loading that names its file."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def load_safetensors_into(module: "torch.nn.Module", path: str | Path, what: str
     for key, want in expected.items():
         if tuple(tensors[key].shape) != tuple(want.shape):
             raise WeightsMismatchError(
-                f"{what}: {p} tensor {key!r} has shape {tuple(tensors[key].shape)}, the network needs {tuple(want.shape)}"
+                f"{what}: {p} tensor {key!r} has shape {tuple(tensors[key].shape)}, "
+                f"the network needs {tuple(want.shape)}"
             )
     module.load_state_dict({k: tensors[k].to(torch.float32) for k in expected}, strict=True)
 

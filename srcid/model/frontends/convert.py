@@ -43,7 +43,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         state = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{p}: expected a state dict, got {type(state).__name__}")
-    return {k: torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).float().contiguous() for k, v in state.items()}
+    tensors = {k: v if torch.is_tensor(v) else torch.as_tensor(np.asarray(v)) for k, v in state.items()}
+    return {k: v.float().contiguous() for k, v in tensors.items()}
 
 
 def convert_vggish(pth: str | Path, out: str | Path, pca: str | Path | None = None) -> Path:

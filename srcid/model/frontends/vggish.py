@@ -90,5 +90,6 @@ class VGGish:
         emb = run_batched(self.net, x, self.batch_size, self.device)
         if self.postprocess:
             pca = (emb - self.pca_means) @ self.pca_matrix.T
-            emb = torch.round((pca.clamp(QUANTIZE_MIN, QUANTIZE_MAX) - QUANTIZE_MIN) * (255.0 / (QUANTIZE_MAX - QUANTIZE_MIN)))
+            scale = 255.0 / (QUANTIZE_MAX - QUANTIZE_MIN)
+            emb = torch.round((pca.clamp(QUANTIZE_MIN, QUANTIZE_MAX) - QUANTIZE_MIN) * scale)
         return Features(emb.reshape(len(batch), self.T, EMBEDDING).numpy(), mask)

@@ -36,7 +36,8 @@ def resized_steps(batch: Sequence[VideoItem], T: int, size: int, mode: str) -> t
             raise ValueError(f"video item {i}: expected uint8 RGB frames [t, H, W, 3], got {x.dtype} {x.shape}")
         n = min(len(x), T)
         frames = torch.from_numpy(x[:n]).permute(0, 3, 1, 2).float().div_(255.0)
-        small = F.interpolate(frames, size=(size, size), mode=mode, **({"antialias": True} if mode == "bilinear" else {}))
+        antialias = {"antialias": True} if mode == "bilinear" else {}  # "area" averages by definition
+        small = F.interpolate(frames, size=(size, size), mode=mode, **antialias)
         padded = torch.zeros((T, 3, size, size))
         padded[:n] = small
         mask = np.zeros(T, dtype=bool)
