@@ -288,7 +288,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="export a checkpoint as a model bundle (ONNX encoders, weights, manifest)",
         description="Export a training checkpoint as a model bundle: manifest.json, one ONNX encoder per modality "
-        "(features [B, T, *shape] (+ mask [B, T]) -> layer1, layer2 int64 [B, T], embedding float32 [B, E]), "
+        "(features [B, T, *shape] (+ mask [B, T]) -> layer1, layer2 int64 [B, T] (layer2 = -1 for one-layer models), "
+        "embedding float32 [B, E]), "
         "weights.safetensors for the torch backends, and front-end files. See docs/BUNDLE.md.",
     )
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file (.safetensors) from `srcid train`")
