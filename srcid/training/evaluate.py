@@ -36,6 +36,7 @@ RECALL_AT = (1, 5, 10)
 # Scores this close to the positive's count as ties, and ties count against the query: a collapsed encoder
 # that maps every clip to the same embedding must score chance, not R@1 = 1.
 TIE_TOLERANCE = 1e-6
+QUERY_BLOCK = 1024
 
 
 @dataclass
@@ -252,15 +253,24 @@ def zero_shot_retrieval(
     if match not in ("clip", "labels"):
         raise ValueError(f"match must be 'clip' or 'labels', got {match!r}")
     n = len(test.labels)
-    positive = np.eye(n, dtype=bool) if match == "clip" else (test.labels[:, None, :] == test.labels[None]).all(-1)
     emb = {m: clip_embeddings(test.vectors[m], test.valid[m], dims) for m in test.modalities}
     by_letter = {LETTER[m]: m for m in test.modalities}
     result = {}
     for key in RETRIEVAL_KEYS:
         q, g = key.split("2")
-        if q in by_letter and g in by_letter:
-            sim = emb[by_letter[q]] @ emb[by_letter[g]].T
-            result[key] = recall_figures(ranks_of_positives(sim, positive))
+        if q not in by_letter or g not in by_letter:
+            continue
+        queries, gallery = emb[by_letter[q]], emb[by_letter[g]]
+        ranks = []
+        # Blocks of queries keep the similarity and positive matrices [block, N] on large test splits.
+        for start in range(0, n, QUERY_BLOCK):
+            rows = np.arange(start, min(n, start + QUERY_BLOCK))
+            if match == "clip":
+                positive = rows[:, None] == np.arange(n)[None]
+            else:
+                positive = (test.labels[rows, None, :] == test.labels[None]).all(-1)
+            ranks.append(ranks_of_positives(queries[rows] @ gallery.T, positive))
+        result[key] = recall_figures(np.concatenate(ranks))
     return result
 
 
