@@ -26,6 +26,7 @@ from srcid.model.quantizers import code_usage
 from srcid.training.checkpoint import load_model
 from srcid.training.data import make_loader, mask_key, open_dataset
 from srcid.training.toc import dimension_importance, select_dimensions, toc_size
+from srcid.training.train import _device as select_device
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ class LinearProbe:
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:
         """x [n, D] -> predicted class [n]."""
-        return self.linear((torch.from_numpy(np.ascontiguousarray(x, np.float32)) - self.mean) / self.scale).argmax(-1).numpy()
+        z = (torch.from_numpy(np.ascontiguousarray(x, np.float32)) - self.mean) / self.scale
+        return self.linear(z).argmax(-1).numpy()
 
 
 def fit_probe(
@@ -384,14 +386,6 @@ def _num_classes(dataset: Any, *splits: EncodedSplit) -> int:
     return int(declared or seen)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
 def evaluate(
     checkpoint: str | Path,
     data: str | Path,
@@ -413,7 +407,8 @@ def evaluate(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint")
-    model, metadata = load_model(checkpoint, resolve_device(device))
+    # The encoders run on the device (CUDA when "auto" finds one); probes and retrieval run on the CPU.
+    model, metadata = load_model(checkpoint, select_device(device, local_rank=0))
     n_dims = model.cfg.hidden * model.cfg.layers
     toc_n = toc_size(n_dims, toc_dims, toc_fraction)
     datasets = {}

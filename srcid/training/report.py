@@ -56,7 +56,8 @@ def markdown(report: dict[str, Any]) -> str:
         parts.append(
             f"Checkpoint `{meta.get('checkpoint')}` (step {meta.get('checkpoint_step')}, {meta.get('quantizer')}, "
             f"{meta.get('layers')} layer(s)), data `{meta.get('data')}`: {meta.get('clips', {}).get('train')} train / "
-            f"{meta.get('clips', {}).get('test')} test clips, {meta.get('num_classes')} classes, seed {meta.get('seed')}."
+            f"{meta.get('clips', {}).get('test')} test clips, {meta.get('num_classes')} classes, "
+            f"seed {meta.get('seed')}."
         )
     header = ["probe (train → test)", "accuracy %", "majority-class chance %"]
     if toc:
@@ -72,7 +73,7 @@ def markdown(report: dict[str, Any]) -> str:
 
     header = ["query → gallery", "R@1 %", "R@5 %", "R@10 %", "medR", "label-match R@1 %"]
     if toc:
-        header.append(f"TOC R@1 %")
+        header.append("TOC R@1 %")
     rows = []
     for key, r in report["retrieval"].items():
         row = [f"{NAMES[key[0]]} → {NAMES[key[2]]}", _pct(r["r1"]), _pct(r["r5"]), _pct(r["r10"]), f"{r['medr']:g}",
