@@ -9,6 +9,7 @@ import torch
 from srcid.model import SRCID, SRCIDConfig
 from srcid.model.config import ModalitySpec
 from srcid.training.evaluate import EncodedSplit, evaluate_encoded
+from srcid.training.report import write_report
 from srcid.training.toc import dimension_importance, select_dimensions, toc_size
 
 C, T, D = 4, 5, 16
@@ -50,7 +51,7 @@ def test_toc_keeps_the_signal_dimensions_and_is_deterministic():
     assert select_dimensions(np.zeros(6), 3).tolist() == [0, 1, 2]
 
 
-def test_toc_report_holds_both_results_and_its_effect():
+def test_toc_report_holds_both_results_and_its_effect(tmp_path):
     torch.set_num_threads(1)
     cfg = SRCIDConfig(
         modalities={"audio": ModalitySpec(shape=(8,)), "video": ModalitySpec(shape=(8,))},
@@ -69,6 +70,13 @@ def test_toc_report_holds_both_results_and_its_effect():
     assert toc["summary"]["retrieval_r10"] > report["summary"]["retrieval_r10"] + 0.2
     effect = toc["effect"]["classification"]["a2v"]
     assert effect == pytest.approx(toc["classification"]["a2v"] - report["classification"]["a2v"])
+
+    # an audio-video model: the Markdown and the plots carry just its two modalities
+    paths = write_report(report, tmp_path)
+    markdown = paths["markdown"].read_text()
+    assert "| audio → video |" in markdown and "text" not in markdown
+    assert "## TOC: 3 of 16 dimensions kept" in markdown
+    assert all(paths[k].stat().st_size > 1000 for k in ("classification_plot", "retrieval_plot", "toc_plot"))
 
 
 def test_toc_sizes_and_bad_input():
