@@ -160,10 +160,16 @@ def test_codebook_figures_and_chance_levels():
     split.codes = {"audio": [codes], "video": [codes.copy()]}
     split.valid["video"][0, 0] = False
     split.codes["video"][0][0, 0, 0] = 7
+    flat = np.arange(8 * T).reshape(8, T)
+    split.labels = (flat // 4) % 2  # each code sees labels 0 and 1 equally often
     figures = codebook_figures(SRCID(cfg), split)
     assert figures["layer1_usage"] == 0.5
     assert figures["layer1_perplexity"] == pytest.approx(4.0, rel=1e-3)
     assert figures["layer2_usage"] is None and figures["layer2_perplexity"] is None
+    audio = figures["by_modality"]["audio"]
+    assert audio["layer1_usage"] == 0.5 and audio["layer1_purity"] == 0.5 and audio["layer2_purity"] is None
+    split.labels = flat % 2  # now a code fixes the label
+    assert codebook_figures(SRCID(cfg), split)["by_modality"]["video"]["layer1_purity"] == 1.0
 
     split.labels[:] = 1
     split.labels[0, :2] = 0

@@ -279,21 +279,40 @@ def zero_shot_retrieval(
 # ---------------------------------------------------------------- codebook, chance
 
 
-def codebook_figures(model: SRCID, split: EncodedSplit) -> dict[str, float | int | None]:
+def _code_figures(codes: np.ndarray, labels: np.ndarray, size: int) -> tuple[float, float, float]:
+    """codes [n], labels [n] -> (usage, perplexity, label purity: the fraction of steps whose label is the most
+    frequent label of their code)."""
+    idx = torch.from_numpy(codes)
+    usage, perplexity = code_usage(idx, torch.ones_like(idx, dtype=torch.bool), size)
+    n_labels = int(labels.max()) + 1
+    table = np.zeros((size, n_labels), np.int64)
+    np.add.at(table, (codes, labels), 1)
+    return float(usage), float(perplexity), float(table.max(1).sum() / max(1, len(codes)))
+
+
+def codebook_figures(model: SRCID, split: EncodedSplit) -> dict[str, Any]:
     """Usage (fraction of codes used) and perplexity per layer over the valid steps of all modalities pooled
-    (first stage for RVQ, as in training); layer-2 figures are None for one-layer models."""
-    figures: dict[str, float | int | None] = {}
+    (first stage for RVQ, as in training); layer-2 figures are None for one-layer models. "by_modality" adds
+    the same per modality, with the label purity of the codes (how much of the label a code alone tells)."""
+    figures: dict[str, Any] = {}
+    by_modality: dict[str, dict[str, float | None]] = {m: {} for m in split.modalities}
     layers = model.layers()
     for i in range(2):
         name = f"layer{i + 1}"
+        keys = (f"{name}_usage", f"{name}_perplexity", f"{name}_purity")
         if i >= len(layers):
-            figures.update({f"{name}_usage": None, f"{name}_perplexity": None, f"{name}_size": None})
+            figures.update({keys[0]: None, keys[1]: None, f"{name}_size": None})
+            for m in split.modalities:
+                by_modality[m].update(dict.fromkeys(keys))
             continue
-        idx = np.concatenate([split.codes[m][i][..., 0][split.valid[m]] for m in split.modalities])
-        idx_t = torch.from_numpy(idx)
-        usage, perplexity = code_usage(idx_t, torch.ones_like(idx_t, dtype=torch.bool), layers[i].quantizer.size)
-        figures.update({f"{name}_usage": float(usage), f"{name}_perplexity": float(perplexity),
-                        f"{name}_size": int(layers[i].quantizer.size)})  # fmt: skip
+        size = layers[i].quantizer.size
+        codes = {m: split.codes[m][i][..., 0][split.valid[m]] for m in split.modalities}
+        labels = {m: split.labels[split.valid[m]] for m in split.modalities}
+        pooled = _code_figures(np.concatenate(list(codes.values())), np.concatenate(list(labels.values())), size)
+        figures.update({keys[0]: pooled[0], keys[1]: pooled[1], f"{name}_size": int(size)})
+        for m in split.modalities:
+            by_modality[m].update(zip(keys, _code_figures(codes[m], labels[m], size)))
+    figures["by_modality"] = by_modality
     return figures
 
 

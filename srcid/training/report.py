@@ -87,13 +87,16 @@ def markdown(report: dict[str, Any]) -> str:
               f"medR {c['medr']:g}."]  # fmt: skip
 
     cb = report["codebook"]
-    rows = [
-        [f"layer {i}", _pct(cb[f"layer{i}_usage"]),
-         "–" if cb[f"layer{i}_perplexity"] is None else f"{cb[f'layer{i}_perplexity']:.1f}",
-         "–" if cb.get(f"layer{i}_size") is None else str(cb[f"layer{i}_size"])]
-        for i in (1, 2)
-    ]  # fmt: skip
-    parts += ["## Codebook (test split, all modalities pooled)", _table(["", "usage %", "perplexity", "size"], rows)]
+    rows = []
+    for who, figures in (("all", cb), *cb.get("by_modality", {}).items()):
+        for i in (1, 2):
+            perplexity = figures[f"layer{i}_perplexity"]
+            rows.append([f"layer {i}", who, _pct(figures[f"layer{i}_usage"]),
+                         "–" if perplexity is None else f"{perplexity:.1f}",
+                         _pct(figures.get(f"layer{i}_purity")) if who != "all" else "",
+                         "–" if cb.get(f"layer{i}_size") is None else str(cb[f"layer{i}_size"])])  # fmt: skip
+    parts += ["## Codebook (test split; label purity: share of steps whose label is their code's most common)",
+              _table(["", "modality", "usage %", "perplexity", "label purity %", "size"], rows)]  # fmt: skip
 
     if toc:
         full, reduced = report["summary"], toc["summary"]
