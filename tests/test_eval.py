@@ -68,8 +68,9 @@ def test_report_has_the_required_shape_and_files(cli_report):
     report = json.loads((out / "report.json").read_text())
     assert list(report["classification"]) == list(CLASSIFICATION_KEYS)
     assert list(report["retrieval"]) == list(RETRIEVAL_KEYS)
-    for acc in report["classification"].values():
-        assert 0.0 <= acc <= 1.0
+    assert list(report["classification_macro_f1"]) == list(CLASSIFICATION_KEYS)
+    for key, acc in report["classification"].items():
+        assert 0.0 <= acc <= 1.0 and 0.0 <= report["classification_macro_f1"][key] <= 1.0
     for figures in report["retrieval"].values():
         assert set(figures) == {"r1", "r5", "r10", "medr"}
         assert 0.0 <= figures["r1"] <= figures["r5"] <= figures["r10"] <= 1.0

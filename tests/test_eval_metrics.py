@@ -13,7 +13,7 @@ from srcid.training.evaluate import (
     chance_levels,
     clip_embeddings,
     codebook_figures,
-    cross_modal_accuracy,
+    cross_modal_probes,
     fit_probe,
     ranks_of_positives,
     recall_figures,
@@ -76,7 +76,10 @@ def test_ranks_and_recalls_on_a_hand_built_similarity_matrix():
 
 def test_identical_modalities_give_perfect_retrieval_and_cross_modal_equal_to_unimodal():
     train, test = paired_split(120, seed=1), paired_split(60, seed=2)
-    acc = cross_modal_accuracy(train, test, C, seed=0)
+    probes = cross_modal_probes(train, test, C, seed=0)
+    acc, f1 = probes["accuracy"], probes["macro_f1"]
+    assert list(f1) == list(acc)
+    assert f1["a2v"] == f1["a2a"] > 0.9
     assert list(acc) == ["a2v", "v2a", "a2t", "t2a", "v2t", "t2v", "a2a", "v2v", "t2t"]
     assert acc["a2a"] > 0.9
     assert acc["a2v"] == acc["a2a"]  # the same probe on the same vectors
@@ -91,9 +94,10 @@ def test_identical_modalities_give_perfect_retrieval_and_cross_modal_equal_to_un
 
 def test_shuffled_pairing_falls_to_chance():
     train, test = paired_split(120, seed=1), paired_split(60, seed=2, shuffle_video=True)
-    acc = cross_modal_accuracy(train, test, C, seed=0)
-    assert acc["a2a"] > 0.9
-    assert acc["a2v"] < 0.35  # chance is 1/5
+    probes = cross_modal_probes(train, test, C, seed=0)
+    acc, f1 = probes["accuracy"], probes["macro_f1"]
+    assert acc["a2a"] > 0.9 and f1["a2a"] > 0.9
+    assert acc["a2v"] < 0.35 and f1["a2v"] < 0.35  # chance is 1/5
     retrieval = zero_shot_retrieval(test)
     assert retrieval["a2v"]["r1"] < 0.1
     assert retrieval["a2v"]["medr"] > 10

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import f1_score
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -200,19 +201,25 @@ def fit_probe(
     return LinearProbe(mean, scale, linear.eval())
 
 
-def cross_modal_accuracy(
+def cross_modal_probes(
     train: EncodedSplit, test: EncodedSplit, num_classes: int, seed: int = 0, dims: np.ndarray | None = None
-) -> dict[str, float]:
-    """Per-step accuracy of a probe trained on modality A (train split) and applied to modality B (test split),
-    for every ordered pair (A, B), same-modality pairs included; keys "a2v", ..., "t2t"."""
-    result: dict[str, float] = {}
+) -> dict[str, dict[str, float]]:
+    """Probes trained on modality A (train split) and applied to modality B (test split), for every ordered pair
+    (A, B), same-modality pairs included. Returns {"accuracy": {"a2v": ..., ..., "t2t": ...}, "macro_f1": {...}}:
+    per-step accuracy, and the F1 averaged over the classes present in B's test steps."""
+    accuracy: dict[str, float] = {}
+    macro_f1: dict[str, float] = {}
     for source in train.modalities:
         x, y, groups = step_samples(train, source, dims)
         probe = fit_probe(x, y, groups, num_classes, seed)
         for target in test.modalities:
             xt, yt, _ = step_samples(test, target, dims)
-            result[pair_key(source, target)] = float((probe.predict(xt) == yt).mean())
-    return {k: result[k] for k in CLASSIFICATION_KEYS if k in result}
+            predicted = probe.predict(xt)
+            key = pair_key(source, target)
+            accuracy[key] = float((predicted == yt).mean())
+            macro_f1[key] = float(f1_score(yt, predicted, labels=np.unique(yt), average="macro", zero_division=0))
+    order = [k for k in CLASSIFICATION_KEYS if k in accuracy]
+    return {"accuracy": {k: accuracy[k] for k in order}, "macro_f1": {k: macro_f1[k] for k in order}}
 
 
 # ---------------------------------------------------------------- zero-shot retrieval
@@ -333,12 +340,16 @@ def chance_levels(train: EncodedSplit, test: EncodedSplit, num_classes: int) -> 
     }
 
 
-def summary(classification: dict[str, float], retrieval: dict[str, dict[str, float]]) -> dict[str, float]:
-    cross = [v for k, v in classification.items() if k[0] != k[2]]
-    same = [v for k, v in classification.items() if k[0] == k[2]]
+def summary(
+    classification: dict[str, float], macro_f1: dict[str, float], retrieval: dict[str, dict[str, float]]
+) -> dict[str, float]:
+    def mean(figures: dict[str, float], cross: bool) -> float:
+        return float(np.mean([v for k, v in figures.items() if (k[0] != k[2]) == cross]))
+
     return {
-        "cross_modal_accuracy": float(np.mean(cross)),
-        "unimodal_accuracy": float(np.mean(same)),
+        "cross_modal_accuracy": mean(classification, cross=True),
+        "unimodal_accuracy": mean(classification, cross=False),
+        "cross_modal_macro_f1": mean(macro_f1, cross=True),
         "retrieval_r1": float(np.mean([r["r1"] for r in retrieval.values()])),
         "retrieval_r10": float(np.mean([r["r10"] for r in retrieval.values()])),
     }
@@ -349,13 +360,15 @@ def summary(classification: dict[str, float], retrieval: dict[str, dict[str, flo
 
 def protocol(train: EncodedSplit, test: EncodedSplit, num_classes: int, seed: int, dims: np.ndarray | None = None):
     """Probes, strict and label-match retrieval, and their summary on the full vectors or the `dims` columns."""
-    classification = cross_modal_accuracy(train, test, num_classes, seed, dims)
+    probes = cross_modal_probes(train, test, num_classes, seed, dims)
+    classification = probes["accuracy"]
     retrieval = zero_shot_retrieval(test, dims, match="clip")
     return {
         "classification": classification,
+        "classification_macro_f1": probes["macro_f1"],
         "retrieval": retrieval,
         "retrieval_label_match": zero_shot_retrieval(test, dims, match="labels"),
-        "summary": summary(classification, retrieval),
+        "summary": summary(classification, probes["macro_f1"], retrieval),
     }
 
 
@@ -383,7 +396,7 @@ def evaluate_encoded(
         importance = dimension_importance(train.vectors, train.valid)
         dims = select_dimensions(importance, toc_dims)
         reduced = protocol(train, test, num_classes, seed, dims)
-        keep = ("classification", "retrieval", "summary")
+        keep = ("classification", "classification_macro_f1", "retrieval", "summary")
         report["toc"] = {
             "dims": int(toc_dims),
             "of": int(importance.shape[0]),

@@ -59,14 +59,15 @@ def markdown(report: dict[str, Any]) -> str:
             f"{meta.get('clips', {}).get('test')} test clips, {meta.get('num_classes')} classes, "
             f"seed {meta.get('seed')}."
         )
-    header = ["probe (train → test)", "accuracy %", "majority-class chance %"]
+    header = ["probe (train → test)", "accuracy %", "macro F1 %", "majority-class chance %"]
     if toc:
-        header.insert(2, f"TOC {toc['dims']}/{toc['of']} dims %")
+        header.insert(3, f"TOC {toc['dims']}/{toc['of']} dims: accuracy %")
     rows = []
     for key, acc in report["classification"].items():
-        row = [f"{NAMES[key[0]]} → {NAMES[key[2]]}", _pct(acc), _pct(chance["classification"][key])]
+        row = [f"{NAMES[key[0]]} → {NAMES[key[2]]}", _pct(acc), _pct(report["classification_macro_f1"][key]),
+               _pct(chance["classification"][key])]  # fmt: skip
         if toc:
-            row.insert(2, _pct(toc["classification"][key]))
+            row.insert(3, _pct(toc["classification"][key]))
         rows.append(row)
     parts += ["## Per-step classification (linear probe, held-out split)", _table(header, rows),
               f"Uniform guess: {_pct(chance['uniform'])} %."]  # fmt: skip
@@ -102,6 +103,7 @@ def markdown(report: dict[str, Any]) -> str:
         full, reduced = report["summary"], toc["summary"]
         rows = [[name, _pct(full[k]), _pct(reduced[k]), f"{100 * (reduced[k] - full[k]):+.1f}"] for name, k in (
             ("mean cross-modal accuracy", "cross_modal_accuracy"), ("mean unimodal accuracy", "unimodal_accuracy"),
+            ("mean cross-modal macro F1", "cross_modal_macro_f1"),
             ("mean R@1", "retrieval_r1"), ("mean R@10", "retrieval_r10"))]  # fmt: skip
         parts += [f"## TOC: {toc['dims']} of {toc['of']} dimensions kept",
                   _table(["", "full %", "TOC %", "change (points)"], rows)]  # fmt: skip
