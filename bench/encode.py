@@ -134,7 +134,6 @@ def gpu_bench(args: argparse.Namespace) -> list[dict]:
             xt = torch.from_numpy(x).to(device)
             mt = None if mask is None else torch.from_numpy(mask).to(device)
             call_args = (xt,) if mt is None else (xt, mt)
-            variants: dict[str, Callable[[], object]] = {}
 
             def eager(g=graph, a=call_args):
                 with torch.inference_mode():
@@ -144,14 +143,16 @@ def gpu_bench(args: argparse.Namespace) -> list[dict]:
                 with torch.inference_mode():
                     return g(*a)
 
-            variants["torch_eager"] = eager
-            variants["torch_compile"] = compiled_call
+            # name -> a factory returning the timed call (CUDA graph capture itself may fail, so it runs in the try)
+            variants: dict[str, Callable[[], Callable[[], object]]] = {
+                "torch_eager": lambda: eager, "torch_compile": lambda: compiled_call,
+            }
             if device.type == "cuda":
-                variants["cuda_graph"] = cuda_graph_runner(graph, xt, mt)
+                variants["cuda_graph"] = lambda: cuda_graph_runner(graph, xt, mt)
             row: dict = {"modality": modality, "batch": batch, "device": str(device), "tf32": args.tf32}
-            for name, fn in variants.items():
+            for name, factory in variants.items():
                 try:
-                    row[name] = clips_per_second(fn, batch, args.seconds, sync)
+                    row[name] = clips_per_second(factory(), batch, args.seconds, sync)
                 except Exception as exc:  # report a variant that fails to build instead of losing the others
                     row[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
             log.info(json.dumps(row))
@@ -166,7 +167,8 @@ def gpu_bench(args: argparse.Namespace) -> list[dict]:
         numbers = [r[n] for n in names]
         best = max((v for v in numbers if isinstance(v, float)), default=float("nan"))
         cells = " ".join(f"{v:>14.0f}" if isinstance(v, float) else f"{'failed':>14}" for v in numbers)
-        print(f"{r['modality']:<8} {r['batch']:>6} {cells} {best / r['torch_eager']:>9.2f}x")
+        ratio = best / r["torch_eager"] if isinstance(r["torch_eager"], float) else float("nan")
+        print(f"{r['modality']:<8} {r['batch']:>6} {cells} {ratio:>9.2f}x")
     return rows
 
 

@@ -1,21 +1,17 @@
 """Runtime backends: onnxruntime (CUDA or CPU provider) over the bundle's graphs, or torch over its safetensors.
 
 Every backend runs one modality's encoder on validated numpy input and returns the graph's outputs by name
-(see graph.EncoderGraph). torch is imported only by the torch backends and by GPU detection, so an ONNX-only
-deployment does not pay for it unless it asks for `auto` on a machine without onnxruntime-gpu.
+(see graph.EncoderGraph).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .manifest import BundleError, Manifest
-
-log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx-cuda", "onnx-cpu", "torch-cuda", "torch-cpu")
 

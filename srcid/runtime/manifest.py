@@ -134,8 +134,8 @@ def _check_consistent(root: Path, m: Manifest) -> None:
         raise BundleError(f"{where}: files {unlisted} are used but have no sha256 in 'files'")
 
 
-def read_manifest(root: str | Path, verify_files: bool = True) -> Manifest:
-    """Parse and check `root/manifest.json`; with verify_files, hash every listed file against the manifest."""
+def read_manifest(root: str | Path) -> Manifest:
+    """Parse and check `root/manifest.json` and hash every listed file against it."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
@@ -162,15 +162,14 @@ def read_manifest(root: str | Path, verify_files: bool = True) -> Manifest:
         field = ".".join(str(p) for p in first["loc"])
         raise BundleError(f"{path}: field {field!r}: {first['msg']}") from exc
     _check_consistent(root, manifest)
-    if verify_files:
-        for rel, digest in manifest.files.items():
-            file = _inside(root, rel)
-            if not file.is_file():
-                raise BundleError(f"{file}: missing from the bundle (listed in {MANIFEST})")
-            actual = sha256_file(file)
-            if actual != digest:
-                raise BundleError(
-                    f"{file}: sha256 {actual[:12]}... does not match the manifest's {digest[:12]}... "
-                    "(the file is corrupt or was changed after export)"
-                )
+    for rel, digest in manifest.files.items():
+        file = _inside(root, rel)
+        if not file.is_file():
+            raise BundleError(f"{file}: missing from the bundle (listed in {MANIFEST})")
+        actual = sha256_file(file)
+        if actual != digest:
+            raise BundleError(
+                f"{file}: sha256 {actual[:12]}... does not match the manifest's {digest[:12]}... "
+                "(the file is corrupt or was changed after export)"
+            )
     return manifest

@@ -32,6 +32,7 @@ from .checkpoint import load_model_state, model_config, read_checkpoint
 log = logging.getLogger(__name__)
 
 OPSET = 18
+EXPORTERS = ("torchscript", "dynamo")
 # Front-ends named by default: the paper's extractors for the paper's feature dims, AV-Digits' otherwise.
 PAPER_FRONTENDS = {"audio": "vggish", "video": "vgg19-pool5", "text": "bert"}
 AVDIGITS_FRONTENDS = {"audio": "logmel-pooled", "video": "pixels", "text": "minilm"}
@@ -55,6 +56,8 @@ def parse_frontend(spec: str) -> tuple[str, str, list[Path]]:
     if not sep or not modality or not name:
         raise ValueError(f"--frontend {spec!r}: expected MODALITY=NAME[:FILE[,FILE...]], e.g. audio=vggish:vggish.safetensors")
     paths = [Path(f) for f in files.split(",") if f]
+    if len({p.name for p in paths}) != len(paths):
+        raise ValueError(f"--frontend {spec!r}: two files share a name; they would overwrite each other in the bundle")
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"--frontend {spec!r}: front-end file {p} does not exist")
@@ -81,8 +84,6 @@ def _example(model: SRCID, modality: str, batch: int, seed: int) -> tuple[torch.
     lengths = torch.randint(1, model.cfg.T + 1, (batch, 1), generator=g)
     return x, torch.arange(model.cfg.T).expand(batch, -1) < lengths
 
-
-EXPORTERS = ("torchscript", "dynamo")
 
 
 @contextmanager
