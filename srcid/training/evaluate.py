@@ -174,11 +174,9 @@ def fit_probe(
     x_check, y_check = (x_held, y_held) if held.any() else (x_fit, y_fit)
 
     generator = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        bound = 1.0 / np.sqrt(max(1, x.shape[1]))
-        linear.weight.uniform_(-bound, bound, generator=generator)
-        linear.bias.zero_()
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(seed)
+        linear = nn.Linear(x.shape[1], num_classes)
     opt = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
     best_acc, best_state, stale = -1.0, None, 0
     for _ in range(max_epochs):
@@ -211,6 +209,8 @@ def cross_modal_probes(
     macro_f1: dict[str, float] = {}
     for source in train.modalities:
         x, y, groups = step_samples(train, source, dims)
+        if len(y) == 0:
+            raise ValueError(f"{source}: no valid step in the training split to train a probe on")
         probe = fit_probe(x, y, groups, num_classes, seed)
         for target in test.modalities:
             xt, yt, _ = step_samples(test, target, dims)
