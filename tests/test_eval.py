@@ -140,3 +140,14 @@ def test_help_explains_the_command(capsys):
     text = capsys.readouterr().out
     for phrase in ("--checkpoint", "--toc-dims", "--toc-fraction", "report.json", "a2v", "R@1/5/10"):
         assert phrase in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the encoders then run on the GPU")
+def test_cuda_encoding_gives_the_cpu_report(workdir):
+    ckpt, data = workdir / "trained" / "last.safetensors", workdir / "shards"
+    on_cpu = evaluate(ckpt, data, None, seed=0, device="cpu")
+    on_gpu = evaluate(ckpt, data, None, seed=0, device="cuda")
+    # a code can flip where two codebook entries are nearly equidistant; the figures stay within a step or two
+    for key, acc in on_cpu["classification"].items():
+        assert on_gpu["classification"][key] == pytest.approx(acc, abs=0.03), key
+    assert on_gpu["codebook"]["layer1_usage"] == pytest.approx(on_cpu["codebook"]["layer1_usage"], abs=0.07)
