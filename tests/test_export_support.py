@@ -4,6 +4,7 @@ built once per test session because every export traces the model."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from srcid.training.checkpoint import save_checkpoint
 from srcid.training.export import export_bundle
 from srcid.training.step import OptimConfig, TrainStep, WarmStartConfig
 
-AVDIGITS_SHARDS = Path("/work/avdigits/shards")
+# SRCID_AVDIGITS_SHARDS points elsewhere (e.g. a fresh build); the default is where the data set is built.
+AVDIGITS_SHARDS = Path(os.environ.get("SRCID_AVDIGITS_SHARDS", "/work/avdigits/shards"))
 SMALL_MODALITIES = {
     "audio": ModalitySpec(shape=(20,)),
     "video": ModalitySpec(shape=(3, 3, 4)),
