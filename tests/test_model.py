@@ -106,3 +106,11 @@ def test_bad_feature_shape_is_a_clear_error():
         model.encode("smell", torch.randn(2, 10, 20))
     with pytest.raises(ValueError, match="no features for"):
         model({"audio": torch.randn(2, 10, 20)})
+
+
+def test_amp_step_runs_in_bfloat16_with_finite_losses():
+    torch.manual_seed(0)
+    model = SRCID(SRCIDConfig(**SMALL))
+    step = TrainStep(model, OptimConfig(amp=True), WarmStartConfig(force_step=0))
+    figures = step.step(_batch(8, torch.Generator().manual_seed(5)))
+    assert torch.isfinite(figures["loss"]) and float(figures["l2_recon"]) > 0

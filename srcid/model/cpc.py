@@ -26,6 +26,11 @@ class CrossModalCPC(nn.Module):
 
         Returns (loss, accuracy of the cross-modal predictions); no host synchronisation.
         """
+        # Recurrent kernels have no bf16 path on every backend (oneDNN's CPU LSTM refuses it): run CPC in fp32.
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            return self._infonce(z, valid, t)
+
+    def _infonce(self, z: dict[str, Tensor], valid: dict[str, Tensor], t: Tensor) -> tuple[Tensor, Tensor]:
         B = next(iter(z.values())).shape[0]
         labels = torch.arange(B, device=t.device)
         # The LSTM is causal, so one pass over all T gives the context at every step; take step t.

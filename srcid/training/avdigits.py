@@ -61,8 +61,23 @@ class BuildConfig:
     train_clips: int = 1600
     test_clips: int = 400
     T: int = 10
-    background: float = 0.2  # probability that a step is background
+    background: float = 0.2  # probability that a new event is background
+    # Events last several seconds, as AVE's do: a step repeats the previous step's label with this probability
+    # (mean event length 1 / (1 - stay) = 2.5 s). With independent steps, the clip-level objectives (CPC,
+    # L_cmcm) are solved by smearing clip identity over every step, and codes stop describing their own step.
+    stay: float = 0.6
     seed: int = 0
+
+
+def event_labels(rng: np.random.Generator, n_clips: int, config: BuildConfig) -> np.ndarray:
+    """[n_clips, T] labels: events (a digit 0-9, or background 10) lasting a geometric number of steps."""
+    fresh = np.where(rng.random((n_clips, config.T)) < config.background, BACKGROUND,
+                     rng.integers(0, 10, (n_clips, config.T)))
+    stay = rng.random((n_clips, config.T)) < config.stay
+    labels = fresh.copy()
+    for t in range(1, config.T):
+        labels[:, t] = np.where(stay[:, t], labels[:, t - 1], fresh[:, t])
+    return labels
 
 
 def index_fsdd(fsdd_dir: str | Path) -> dict[str, dict[int, list[Path]]]:
@@ -162,8 +177,7 @@ def build_raw(fsdd_dir: str | Path, out_dir: str | Path, config: BuildConfig = B
         rng = np.random.default_rng([config.seed, split_no])
         voice = {d: Deck([p for s in speakers for p in index[s][d]], rng) for d in range(10)}
         picture = {d: Deck([i for i in image_range if digits.target[i] == d], rng) for d in range(10)}
-        labels = np.where(rng.random((n_clips, config.T)) < config.background, BACKGROUND,
-                          rng.integers(0, 10, (n_clips, config.T)))
+        labels = event_labels(rng, n_clips, config)
         for c in tqdm(range(n_clips), desc=f"avdigits {split}", unit="clip"):
             clip_id = f"{split}-{c:05d}"
             waves, frame_dir = [], out / "frames" / clip_id

@@ -38,7 +38,9 @@ def add_parser(subparsers) -> None:
                        help="training clips (default %(default)s)")
     build.add_argument("--test-clips", type=int, default=defaults.test_clips, help="test clips (default %(default)s)")
     build.add_argument("--background", type=float, default=defaults.background,
-                       help="probability that a step is background (default %(default)s)")
+                       help="probability that a new event is background (default %(default)s)")
+    build.add_argument("--stay", type=float, default=defaults.stay,
+                       help="probability that a step continues the previous step's event (default %(default)s)")
     build.add_argument("--T", type=int, default=defaults.T, help="steps (seconds) per clip (default %(default)s)")
     build.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default %(default)s)")
     _add_featurize_options(build)
@@ -96,7 +98,7 @@ def _probe(shards: Path, out: Path) -> None:
 
 
 def run_avdigits(args: argparse.Namespace) -> int:
-    config = avdigits.BuildConfig(args.train_clips, args.test_clips, args.T, args.background, args.seed)
+    config = avdigits.BuildConfig(args.train_clips, args.test_clips, args.T, args.background, args.stay, args.seed)
     started = time.perf_counter()
     avdigits.build_raw(args.fsdd, args.out / "raw", config)
     built = time.perf_counter()

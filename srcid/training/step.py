@@ -80,7 +80,7 @@ class TrainStep:
 
     def __init__(self, model: SRCID, optim: OptimConfig, warm: WarmStartConfig, forward: nn.Module | None = None):
         self.model = model
-        self.forward = forward or model
+        self.forward = model if forward is None else forward
         self.cfg = optim
         # foreach: one fused kernel per group instead of a loop over ~200 parameters (the default on CUDA only).
         self.opt = torch.optim.Adam(model.main_parameters(), lr=optim.lr, foreach=True)

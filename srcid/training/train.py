@@ -218,6 +218,10 @@ def train(cfg: TrainConfig, dataset: Any, out_dir: str | Path, resume: str | Pat
                         raise FloatingPointError(f"loss became {record['loss']} at step {step}; last figures: {record}")
                     bar.set_postfix(loss=f"{record['loss']:.3f}", mi1=f"{record['l1_mi']:.3f}",
                                     use1=f"{record['l1_usage']:.2f}", l2=int(record["layer2_active"] > 0))
+                    if is_main:
+                        shown = ("loss", "l1_recon", "l1_mi", "l1_cpc_acc", "l1_usage", "l2_mi", "l2_usage")
+                        bar.write(json.dumps({"step": step, **{k: record[k] for k in shown if k in record},
+                                              "samples_per_s": record["samples_per_s"]}))  # fmt: skip
                     window_start, window_samples = time.perf_counter(), 0
                 if step % cfg.ckpt_every == 0:
                     checkpoint(f"ckpt-{step:07d}.safetensors")
