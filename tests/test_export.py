@@ -16,7 +16,7 @@ from srcid.model import SRCID, SRCIDConfig
 from srcid.runtime import load_bundle
 from srcid.runtime.manifest import sha256_file
 from srcid.training.checkpoint import load_model, save_checkpoint
-from srcid.training.export import AVDIGITS_FRONTENDS, PAPER_FRONTENDS, export_bundle, export_graph
+from srcid.training.export import AVDIGITS_FRONTENDS, PAPER_FRONTENDS, _data_fingerprint, export_bundle, export_graph
 from srcid.training.step import OptimConfig, TrainStep, WarmStartConfig
 
 ONNX_INT64, ONNX_FLOAT, ONNX_BOOL = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL
@@ -118,6 +118,15 @@ def test_cli_export_copies_frontend_files_records_fingerprint_and_refuses_to_ove
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "b2").exists() and not (tmp_path / "b3").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left behind
+
+
+def test_data_fingerprint_is_read_from_metadata_or_config():
+    config = json.dumps({"model": {}})
+    assert _data_fingerprint({"config": config, "data_fingerprint": "ab12"}) == "ab12"
+    assert _data_fingerprint({"config": config, "data_fingerprint": '"ab12"'}) == "ab12"  # JSON-encoded by save
+    assert _data_fingerprint({"config": config, "data_fingerprint": ""}) is None  # srcid train without one
+    assert _data_fingerprint({"config": config}) is None
+    assert _data_fingerprint({"config": json.dumps({"model": {}, "data_fingerprint": "cd34"})}) == "cd34"
 
 
 def test_paper_dims_export_checks_and_matches_torch(tmp_path):

@@ -65,12 +65,13 @@ def parse_frontend(spec: str) -> tuple[str, str, list[Path]]:
 
 
 def _data_fingerprint(meta: dict[str, str]) -> Any:
-    """The checkpoint's training-data fingerprint (metadata key, else the training config's), or None."""
-    raw = meta.get("data_fingerprint")
-    if raw is None:
-        return json.loads(meta["config"]).get("data_fingerprint")
+    """The checkpoint's training-data fingerprint (metadata key, else the training config's); None when it has
+    none (`srcid train` writes "" then)."""
+    raw = meta.get("data_fingerprint") or json.loads(meta["config"]).get("data_fingerprint")
+    if not raw or not isinstance(raw, str):
+        return raw or None
     try:
-        return json.loads(raw)
+        return json.loads(raw) or None
     except json.JSONDecodeError:
         return raw
 
