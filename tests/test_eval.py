@@ -84,6 +84,7 @@ def test_report_has_the_required_shape_and_files(cli_report):
     assert toc["dims"] == 16 and toc["of"] == 64 and len(toc["selected"]) == 16
     assert list(toc["classification"]) == list(CLASSIFICATION_KEYS)
     assert report["meta"]["seed"] == 3 and report["meta"]["clips"] == {"train": 256, "test": 96}
+    assert report["meta"]["same_data_as_training"] is True
     for png in ("classification.png", "retrieval.png", "toc.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
@@ -151,3 +152,13 @@ def test_cuda_encoding_gives_the_cpu_report(workdir):
     for key, acc in on_cpu["classification"].items():
         assert on_gpu["classification"][key] == pytest.approx(acc, abs=0.03), key
     assert on_gpu["codebook"]["layer1_usage"] == pytest.approx(on_cpu["codebook"]["layer1_usage"], abs=0.07)
+
+
+def test_report_says_whether_the_probes_saw_the_training_data(workdir, tmp_path, caplog):
+    write_synthetic_shards(tmp_path / "other", sizes={"train": 32, "test": 16}, seed=1)
+    with caplog.at_level("WARNING", logger="srcid.training.evaluate"):
+        report = evaluate(workdir / "trained" / "last.safetensors", tmp_path / "other", None)
+    assert report["meta"]["same_data_as_training"] is False
+    assert "was trained on data" in caplog.text
+    untrained = evaluate(workdir / "untrained.safetensors", tmp_path / "other", None)  # saved without a fingerprint
+    assert untrained["meta"]["same_data_as_training"] is None

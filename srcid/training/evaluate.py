@@ -452,11 +452,20 @@ def evaluate(
     }
     train, test = encoded[train_split], encoded[test_split]
     num_classes = _num_classes(datasets[train_split], train, test)
+    trained_on = metadata.get("data_fingerprint") or None
+    probed_on = getattr(datasets[train_split], "fingerprint", None)
+    if trained_on and probed_on and trained_on != probed_on:
+        # Legitimate (other data, rebuilt shards), but figures are then not comparable with the training run's.
+        log.warning("%s was trained on data %s…, the %s split here is %s…", checkpoint, trained_on[:12],
+                    train_split, probed_on[:12])  # fmt: skip
     report = evaluate_encoded(model, train, test, num_classes, seed, toc_n)
     report["meta"] = {
         "checkpoint": str(checkpoint),
         "checkpoint_step": int(metadata["step"]),
         "data": str(data),
+        "checkpoint_data_fingerprint": trained_on,
+        "data_fingerprint": probed_on,
+        "same_data_as_training": None if not (trained_on and probed_on) else trained_on == probed_on,
         "splits": {"train": train_split, "test": test_split},
         "clips": {"train": len(train.labels), "test": len(test.labels)},
         "num_classes": num_classes,
