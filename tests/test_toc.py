@@ -51,8 +51,17 @@ def test_toc_keeps_the_signal_dimensions_and_is_deterministic():
     assert select_dimensions(np.zeros(6), 3).tolist() == [0, 1, 2]
 
 
-def test_toc_report_holds_both_results_and_its_effect(tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny probes run faster on one thread than on two contended ones; other tests get theirs back."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_toc_report_holds_both_results_and_its_effect(tmp_path):
     cfg = SRCIDConfig(
         modalities={"audio": ModalitySpec(shape=(8,)), "video": ModalitySpec(shape=(8,))},
         T=T, hidden=D, heads=2, ff=32, codebook_size=8, club_hidden=8, layers=1,
