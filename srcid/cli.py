@@ -14,6 +14,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("export", "srcid.training.export"),
     ("index", "srcid.index.cli"),
     ("eval", "srcid.training.eval_cli"),
+    ("serve", "srcid.service.cli"),
 ]
 
 

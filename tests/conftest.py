@@ -78,3 +78,27 @@ def redis_server(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+# -- service tests (tests/test_service*.py, tests/test_client.py) ---------------------------------------------
+SERVICE_API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def service_bundle(tmp_path_factory) -> Path:
+    """A tiny trained bundle with the AV-Digits feature dims and front-ends (logmel-pooled, pixels, minilm)."""
+    from test_service_support import build_tiny_bundle
+
+    return build_tiny_bundle(tmp_path_factory.mktemp("service-bundle"))
+
+
+@pytest.fixture(scope="session")
+def sqlite_service(service_bundle, tmp_path_factory):
+    """A real uvicorn server on a free port (thread of the test process): SQLite catalog, API key, 1 MB bodies."""
+    from test_service_support import ThreadServer
+
+    data = tmp_path_factory.mktemp("service-data")
+    server = ThreadServer(bundle=service_bundle, data_dir=data, api_key=SERVICE_API_KEY, max_body_bytes=1 << 20,
+                          batch_wait_ms=20).start()
+    yield server
+    server.stop()

@@ -1,0 +1,66 @@
+"""`srcid serve`: run the HTTP API with uvicorn. With no arguments it serves the embedded AV-Digits bundle and
+its demo catalog from ./srcid-data (no network, no Redis, no GPU needed)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# flag -> Settings field; every flag defaults to None so the environment (SRCID_*) and the defaults apply.
+FLAGS: list[tuple[str, str, type, str]] = [
+    ("--host", "host", str, "bind address (SRCID_HOST, default 127.0.0.1)"),
+    ("--port", "port", int, "port (SRCID_PORT, default 8000)"),
+    ("--bundle", "bundle", Path, "model bundle folder (SRCID_BUNDLE, default: the embedded AV-Digits bundle)"),
+    ("--data-dir", "data_dir", Path, "state folder for the default catalog and index (SRCID_DATA_DIR, ./srcid-data)"),
+    ("--catalog-url", "catalog_url", str, "sqlite:///path or redis://host:port/db (SRCID_CATALOG_URL)"),
+    ("--index-dir", "index_dir", Path, "persisted index folder (SRCID_INDEX_DIR, default DATA_DIR/index)"),
+    ("--cache-url", "cache_url", str, "redis://host:port/db for the encode cache (SRCID_CACHE_URL, default none)"),
+    ("--api-key", "api_key", str, "Bearer key for POST/DELETE /items (SRCID_API_KEY; prefer the variable)"),
+    ("--runtime-backend", "runtime_backend", str, "onnx-cpu, onnx-cuda, torch-cuda, torch-cpu, auto"),
+    ("--index-backend", "index_backend", str, "faiss-cpu, faiss-gpu, torch, auto"),
+    ("--max-batch", "max_batch", int, "rows per runtime call (SRCID_MAX_BATCH, 64; 1 turns batching off)"),
+    ("--batch-wait-ms", "batch_wait_ms", float, "how long a batch waits for more requests (SRCID_BATCH_WAIT_MS, 5)"),
+    ("--queue-size", "queue_size", int, "waiting requests per modality before 429 (SRCID_QUEUE_SIZE, 1024)"),
+    ("--max-body-bytes", "max_body_bytes", int, "larger bodies get 413 (SRCID_MAX_BODY_BYTES, 16777216)"),
+    ("--log-level", "log_level", str, "debug, info, warning, error (SRCID_LOG_LEVEL, info)"),
+]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the HTTP API (/encode, /retrieve, /items, /healthz, /readyz, /metrics)",
+        description="Serve a model bundle over HTTP. With no arguments: the embedded AV-Digits bundle, a SQLite "
+        "catalog under ./srcid-data filled with the shipped demo clips, on http://127.0.0.1:8000. Every flag "
+        "has an SRCID_* environment variable (flags win); see docs/SERVICE.md.",
+    )
+    for flag, _, kind, text in FLAGS:
+        p.add_argument(flag, type=kind, default=None, help=text)
+    p.add_argument("--no-demo", action="store_true", help="do not load the demo catalog (SRCID_DEMO_CATALOG=false)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging.config
+
+    import uvicorn
+
+    from .app import create_app
+    from .logs import configure
+    from .settings import Settings
+
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in FLAGS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_demo:
+        overrides["demo_catalog"] = False
+    settings = Settings(**overrides)
+    if not settings.bundle.is_dir():
+        raise FileNotFoundError(f"--bundle {settings.bundle}: bundle folder not found")
+    log_config = configure(settings.log_level)
+    logging.config.dictConfig(log_config)
+    app = create_app(settings)
+    # uvicorn finishes requests in flight on SIGTERM/SIGINT (up to the graceful timeout), then the lifespan's
+    # shutdown drains the batchers and saves the index.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config, access_log=False,
+                timeout_graceful_shutdown=30)
+    return 0

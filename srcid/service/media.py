@@ -1,0 +1,146 @@
+"""INPUTs -> the feature arrays a bundle encodes: base64 decoding, media decoding and front-ends.
+
+Runs in a worker thread (decoding and front-ends are CPU work). Every problem with what the client sent raises
+`BadInput` naming the input (`inputs[i]`) and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from srcid.model.frontends import FrontEnd, MediaError, get_frontend, load_audio, load_frames, load_video
+from srcid.runtime import Bundle
+
+from .errors import BadInput
+from .models import InputFields
+
+# Which INPUT fields carry media of which modality (`features` fits every modality).
+MEDIA_MODALITY = {"text": "text", "audio_b64": "audio", "video_b64": "video", "frames_b64": "video"}
+
+
+def build_frontends(bundle: Bundle) -> dict[str, FrontEnd]:
+    """One front-end per modality of the bundle, from its manifest (name, files inside the bundle)."""
+    out: dict[str, FrontEnd] = {}
+    for modality, entry in bundle.manifest.modalities.items():
+        files = [bundle.root / f for f in entry.frontend.files]
+        options: dict[str, Any] = {"T": bundle.manifest.T}
+        if entry.frontend.name == "bert" and files:
+            options["model_dir"] = files[0].parent
+        elif files:
+            weights = [f for f in files if f.suffix == ".safetensors"]
+            options["weights"] = (weights or files)[0]
+        frontend = get_frontend(entry.frontend.name, **options)
+        if tuple(frontend.output_shape) != tuple(entry.shape):
+            raise ValueError(f"{bundle.root}: front-end {entry.frontend.name} gives {modality} steps of shape "
+                             f"{list(frontend.output_shape)}, the bundle expects {list(entry.shape)}")
+        out[modality] = frontend
+    return out
+
+
+def b64(value: str, where: str) -> bytes:
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadInput(f"{where}: not valid base64 ({exc})", code="bad_base64") from None
+    if not data:
+        raise BadInput(f"{where}: empty", code="empty_input")
+    return data
+
+
+def cache_key(bundle_id: str, modality: str, item: InputFields) -> str:
+    """sha256 of what determines the answer: bundle, modality, input kind and content."""
+    h = hashlib.sha256(f"{bundle_id}\0{modality}\0{item.kind}\0".encode())
+    value = getattr(item, item.kind)
+    if item.kind == "features":
+        h.update(json.dumps([value, item.mask], separators=(",", ":")).encode())
+    elif item.kind == "frames_b64":
+        for frame in value:
+            h.update(frame.encode() + b"\0")
+    else:
+        h.update(value.encode())
+    return h.hexdigest()
+
+
+def _features(item: InputFields, bundle: Bundle, modality: str, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`features` [T, *shape] (+ `mask` [T]) as a batch of one, checked against the bundle."""
+    try:
+        x = np.asarray(item.features)
+    except ValueError as exc:
+        raise BadInput(f"{where}.features: not a rectangular nested list ({exc})", code="bad_features") from None
+    if x.dtype == object or x.dtype.kind not in "fiu" or x.dtype == bool:
+        raise BadInput(f"{where}.features: must be a nested list of numbers [T][D...]", code="bad_features")
+    mask = None if item.mask is None else np.asarray(item.mask, dtype=bool)[None]
+    try:
+        return bundle.check_input(modality, x[None], mask)
+    except ValueError as exc:
+        raise BadInput(f"{where}: {exc}", code="bad_features") from None
+
+
+def _decode(item: InputFields, modality: str, T: int, where: str) -> Any:
+    """Decoded media for the front-end: a waveform [samples], (frames [T, H, W, 3], mask [T]), or a string."""
+    try:
+        if item.kind == "text":
+            if not item.text.split():
+                raise BadInput(f"{where}.text: empty (no words)", code="empty_input")
+            return item.text
+        if item.kind == "audio_b64":
+            return load_audio(b64(item.audio_b64, f"{where}.audio_b64"))
+        if item.kind == "video_b64":
+            return load_video(b64(item.video_b64, f"{where}.video_b64"), T)
+        if not item.frames_b64:
+            raise BadInput(f"{where}.frames_b64: no frames", code="empty_input")
+        frames = [b64(f, f"{where}.frames_b64[{i}]") for i, f in enumerate(item.frames_b64)]
+        return load_frames(frames, T)
+    except MediaError as exc:
+        raise BadInput(f"{where}: {exc}", code="bad_media") from None
+
+
+def to_features(
+    items: Sequence[InputFields], modality: str, bundle: Bundle, frontends: dict[str, FrontEnd], where: str = "inputs"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """INPUTs of one modality -> features float32 [B, T, *shape] and mask bool [B, T] (None if unmasked)."""
+    if modality not in bundle.manifest.modalities:
+        raise BadInput(f"modality {modality!r}: this bundle encodes {bundle.modalities}", code="wrong_modality")
+    T = bundle.manifest.T
+    rows: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(items)
+    media: list[tuple[int, Any]] = []
+    for i, item in enumerate(items):
+        label = f"{where}[{i}]"
+        if item.kind == "features":
+            rows[i] = _features(item, bundle, modality, label)
+            continue
+        if MEDIA_MODALITY[item.kind] != modality:
+            raise BadInput(f"{label}: {item.kind} is {MEDIA_MODALITY[item.kind]} input, the request's modality is "
+                           f"{modality}", code="wrong_modality")
+        media.append((i, _decode(item, modality, T, label)))
+    if media:
+        feats = frontends[modality]([m for _, m in media])
+        masked = bundle.manifest.modalities[modality].masked
+        for row, (i, _) in enumerate(media):
+            rows[i] = (feats.values[row : row + 1], feats.mask[row : row + 1] if masked else None)
+            if masked and not feats.mask[row].any():
+                raise BadInput(f"{where}[{i}]: no step holds media", code="empty_input")
+    x = np.concatenate([r[0] for r in rows])  # type: ignore[index]
+    m = None if rows[0][1] is None else np.concatenate([r[1] for r in rows])  # type: ignore[index]
+    try:
+        return bundle.check_input(modality, x, m)
+    except ValueError as exc:  # NaN from a degenerate decode, say
+        raise BadInput(f"{where}: {exc}", code="bad_features") from None
+
+
+def bundle_id(bundle: Bundle) -> str:
+    """What identifies the codes a bundle makes: its weights (checkpoint hash) and front-ends."""
+    m = bundle.manifest
+    ident = {"checkpoint": m.checkpoint.sha256, "frontends": {k: v.frontend.model_dump() for k, v in m.modalities.items()}}
+    return f"v{m.bundle_version}-" + hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_b64(path: str | Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()

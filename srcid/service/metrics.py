@@ -1,0 +1,55 @@
+"""Prometheus metrics of one app (its own registry, so several apps can live in one process, as in tests)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _Live:
+    """Figures read when /metrics is scraped: index sizes, backends in use, readiness."""
+
+    def __init__(self, read: Callable[[], dict]):
+        self._read = read
+
+    def collect(self):
+        figures = self._read()
+        ready = GaugeMetricFamily("srcid_ready", "1 when the bundle and index are loaded")
+        ready.add_metric([], 1.0 if figures.get("ready") else 0.0)
+        yield ready
+        items = GaugeMetricFamily("srcid_index_items", "items in the retrieval index", labels=["modality"])
+        for modality, n in figures.get("index_counts", {}).items():
+            items.add_metric([modality], float(n))
+        yield items
+        info = GaugeMetricFamily("srcid_backend_info", "backends in use (value 1)", labels=["runtime", "index", "bundle"])
+        if figures.get("ready"):
+            info.add_metric([figures["runtime_backend"], figures["index_backend"], figures["bundle"]], 1.0)
+        yield info
+
+
+class Metrics:
+    def __init__(self, live: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("srcid_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.latency = Histogram("srcid_request_seconds", "HTTP request latency", ["route", "method"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("srcid_batch_rows", "rows per runtime/index call", ["batcher"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("srcid_queue_depth", "requests waiting in a batcher", ["batcher"], registry=r)
+        self.cache = Counter("srcid_encode_cache", "encode cache lookups by result", ["result"], registry=r)
+        for result in ("hit", "miss", "error"):
+            self.cache.labels(result)
+        r.register(_Live(live))
+
+    def cache_result(self, result: str, count: int) -> None:
+        if count:
+            self.cache.labels(result).inc(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

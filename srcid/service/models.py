@@ -1,0 +1,147 @@
+"""Request and response bodies of the HTTP API (DESIGN §7), as pydantic v2 models; they make /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Modality = Literal["audio", "video", "text"]
+INPUT_FIELDS = ("text", "audio_b64", "video_b64", "frames_b64", "features")
+
+
+class InputFields(BaseModel):
+    """One INPUT: exactly one of the five fields below."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="text; one word per step (at most T words)")
+    audio_b64: str | None = Field(None, description="a WAV/FLAC/OGG file, base64")
+    video_b64: str | None = Field(None, description="an MP4/WebM file, base64")
+    frames_b64: list[str] | None = Field(None, description="base64 PNG/JPEG frames, one per second")
+    features: list[Any] | None = Field(None, description="precomputed features, nested list [T][D...]")
+    mask: list[bool] | None = Field(None, description="with `features` of a masked modality: [T], true = real step")
+
+    @property
+    def kind(self) -> str:
+        return next(f for f in INPUT_FIELDS if getattr(self, f) is not None)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "InputFields":
+        return _check_one_input(self)
+
+
+def _check_one_input(model: InputFields) -> Any:
+    given = [f for f in INPUT_FIELDS if getattr(model, f) is not None]
+    if len(given) != 1:
+        raise ValueError(f"an input needs exactly one of {list(INPUT_FIELDS)}, got {given or 'none'}")
+    if model.mask is not None and model.features is None:
+        raise ValueError("mask goes only with features")
+    return model
+
+
+class EncodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    modality: Modality
+    inputs: list[InputFields] = Field(min_length=1, description="one or more inputs of that modality")
+    return_embedding: bool = Field(False, description="add each input's retrieval embedding [E]")
+
+
+class EncodedItem(BaseModel):
+    layer1: list[int] = Field(description="layer-1 code per step [T]")
+    layer2: list[int] = Field(description="layer-2 code per step [T]")
+    embedding: list[float] | None = Field(None, description="L2-normalised retrieval embedding [E]")
+
+
+class EncodeResponse(BaseModel):
+    bundle: str = Field(description="id of the bundle that made the codes")
+    items: list[EncodedItem]
+
+
+class Query(InputFields):
+    """By content (`modality` and one INPUT) or by a catalog item (`item_id`)."""
+
+    modality: Modality | None = None
+    item_id: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Query":
+        given = [f for f in INPUT_FIELDS if getattr(self, f) is not None]
+        if self.item_id is not None:
+            if given or self.modality is not None:
+                raise ValueError("a query by item_id takes no modality or input")
+            return self
+        if self.modality is None:
+            raise ValueError("a query needs item_id, or modality and one input")
+        return _check_one_input(self)
+
+
+class RetrieveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Query
+    target: Modality
+    top_k: int = Field(10, ge=1, le=1000)
+
+
+class RetrieveResult(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity of the retrieval embeddings")
+    modality: Modality
+    metadata: dict[str, Any]
+
+
+class RetrieveResponse(BaseModel):
+    results: list[RetrieveResult] = Field(description="best first")
+
+
+class NewItem(InputFields):
+    id: str = Field(min_length=1, max_length=512)
+    modality: Modality
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class AddItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[NewItem] = Field(min_length=1)
+
+
+class AddItemsResponse(BaseModel):
+    added: list[str]
+
+
+class ItemResponse(BaseModel):
+    id: str
+    modality: Modality
+    metadata: dict[str, Any]
+    codes: dict[str, list[int]]
+    embedding: list[float] | None = None
+
+
+class DeleteResponse(BaseModel):
+    deleted: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": what}
+    for status, what in {
+        400: "bad input (wrong modality, bad base64, undecodable media, wrong feature shape, NaN, empty)",
+        401: "missing or wrong API key",
+        404: "unknown id",
+        413: "body too large",
+        422: "request body of the wrong shape",
+        429: "overloaded: the encode queue is full",
+        503: "not ready (bundle or index still loading) or the catalog is unreachable",
+    }.items()
+}

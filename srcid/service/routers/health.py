@@ -1,0 +1,46 @@
+"""GET /healthz (the process answers), /readyz (bundle and index loaded), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..dependencies import get_state
+from ..state import ServiceState
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", responses={503: {"description": "still loading, or loading failed (see error)"}})
+async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
+    """Ready: bundle, runtime backend, index backend and item counts. Not ready: 503 with what it is doing or
+    why it failed."""
+    if not state.ready:
+        message = state.error or state.status
+        return JSONResponse({"error": {"code": "not_ready", "message": f"not ready: {message}"},
+                             "status": state.status}, status_code=503)
+    bundle, index = state.bundle, state.index
+    cache = None
+    if state.cache is not None:
+        cache = {"url": state.cache.url, "reachable": await state.cache.ping()}
+    describe = await state.run_in(state.io_pool, index.describe)
+    return JSONResponse({
+        "status": "ready",
+        "bundle": {"id": state.bundle_id, "path": str(bundle.root), "modalities": bundle.modalities,
+                   "T": bundle.manifest.T, "embedding_dim": bundle.manifest.embedding_dim,
+                   "runtime_backend": bundle.backend},
+        "index": {"backend": index.backend_name, "counts": describe["counts"], "position": describe["position"],
+                  "catalog_version": describe["catalog_version"], "catalog": state.catalog.url},
+        "cache": cache,
+    })
+
+
+@router.get("/metrics")
+async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

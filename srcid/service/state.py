@@ -1,0 +1,210 @@
+"""What a running service holds: the bundle and front-ends, the catalog and its index, the batchers and the cache.
+
+Loading (bundle verification, front-ends, catalog, index rebuild, demo items) happens in a background thread, so
+the server answers /healthz at once and /readyz (503 until ready) tells orchestrators when to send traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+
+from srcid.index.catalog import Catalog, open_catalog
+from srcid.index.catalog_index import CatalogIndex, open_index_for_catalog
+from srcid.index.config import IndexConfig
+from srcid.index.errors import CatalogUnavailableError
+from srcid.index.items import MODALITIES, Item, make_item
+from srcid.model.frontends import FrontEnd
+from srcid.runtime import Bundle, load_bundle
+
+from .batcher import MicroBatcher
+from .cache import EncodeCache, Encoded
+from .errors import NotReady
+from .media import build_frontends, bundle_id, cache_key, to_features
+from .metrics import Metrics
+from .models import InputFields
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+CATALOG_RETRY_S = 2.0
+Hit = tuple[str, float]
+
+
+class ServiceState:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bundle: Bundle | None = None
+        self.bundle_id = ""
+        self.frontends: dict[str, FrontEnd] = {}
+        self.catalog: Catalog | None = None
+        self.index: CatalogIndex | None = None
+        self.ready = False
+        self.status = "starting"
+        self.error: str | None = None
+        self.metrics = Metrics(self.live_figures)
+        # Media decoding and front-ends; the catalog; the runtime (one call per modality at a time); the index.
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.io_pool = ThreadPoolExecutor(8, thread_name_prefix="catalog")
+        self.model_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="runtime")
+        self.search_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="search")
+        self.cache = EncodeCache(settings.cache_url, self.metrics.cache_result) if settings.cache_url else None
+        self.encoders = {m: self._batcher(f"encode-{m}", lambda p, m=m: self._encode_batch(m, p), self.model_pool)
+                         for m in MODALITIES}
+        self.searchers = {m: self._batcher(f"search-{m}", lambda p, m=m: self._search_batch(m, p), self.search_pool)
+                          for m in MODALITIES}
+        self._stop = threading.Event()
+        self._loader: asyncio.Future | None = None
+
+    def _batcher(self, name: str, run: Callable, pool: ThreadPoolExecutor) -> MicroBatcher:
+        s = self.settings
+        return MicroBatcher(
+            name, run, pool, s.max_batch, s.batch_wait_ms, s.queue_size,
+            on_batch=self.metrics.batch_size.labels(name).observe, on_depth=self.metrics.queue_depth.labels(name).set,
+        )
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for b in (*self.encoders.values(), *self.searchers.values()):
+            b.start()
+        self._loader = asyncio.get_running_loop().run_in_executor(self.io_pool, self.load)
+
+    def load(self) -> None:
+        """Bundle, front-ends, catalog, index, demo items; sets `ready`, or `error` saying what failed."""
+        s = self.settings
+        try:
+            self.status = f"loading bundle {s.bundle}"
+            bundle = load_bundle(s.bundle, s.runtime_backend, s.runtime_threads)
+            self.bundle_id = bundle_id(bundle)
+            self.status = "building front-ends"
+            self.frontends = build_frontends(bundle)
+            self.bundle = bundle
+            self.catalog = self._open_catalog(bundle)
+            if self.catalog is None:
+                return
+            self.status = "building the index"
+            self.index = open_index_for_catalog(self.catalog, s.index_dir, self.bundle_id,
+                                                bundle.manifest.embedding_dim, IndexConfig(backend=s.index_backend))
+            if s.demo_catalog and s.uses_embedded_bundle and self.catalog.count() == 0:
+                self.status = "adding the demo catalog"
+                from .demo import load_demo
+
+                load_demo(self)
+                self.index.sync()
+            self.ready, self.status = True, "ready"
+            log.info("ready", extra={"figures": self.live_figures()})
+        except Exception as exc:  # noqa: BLE001 - a failed load leaves a server that says why on /readyz
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "failed"
+            log.error("service not ready: %s", self.error)
+
+    def _open_catalog(self, bundle: Bundle) -> Catalog | None:
+        s = self.settings
+        while not self._stop.is_set():
+            self.status = f"opening catalog {s.catalog_url}"
+            try:
+                return open_catalog(s.catalog_url, bundle.manifest.embedding_dim, self.bundle_id)
+            except CatalogUnavailableError as exc:
+                self.status = f"waiting for catalog: {exc}"
+                log.warning("%s; retrying in %.0fs", exc, CATALOG_RETRY_S)
+                self._stop.wait(CATALOG_RETRY_S)
+        return None
+
+    async def stop(self) -> None:
+        """Answer what is queued, persist the index, release everything."""
+        self._stop.set()
+        for b in (*self.encoders.values(), *self.searchers.values()):
+            await b.drain()
+        if self._loader is not None:
+            await asyncio.wait([self._loader], timeout=30)
+        if self.index is not None and self.ready:
+            try:
+                await self.run_in(self.io_pool, self._save_index)
+            except Exception as exc:  # noqa: BLE001 - the catalog is the truth; the next start rebuilds
+                log.warning("index not saved at shutdown: %s", exc)
+        if self.cache is not None:
+            await self.cache.close()
+        if self.catalog is not None:
+            self.catalog.close()
+        for pool in (self.decode_pool, self.io_pool, self.model_pool, self.search_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _save_index(self) -> None:
+        assert self.index is not None
+        self.index.sync()
+        self.index.save(self.settings.index_dir)
+
+    def require_ready(self) -> Bundle:
+        if not self.ready or self.bundle is None:
+            raise NotReady(f"not ready: {self.error or self.status}")
+        return self.bundle
+
+    def live_figures(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {"ready": self.ready, "status": self.status}
+        if self.ready and self.bundle is not None and self.index is not None:
+            figures.update(runtime_backend=self.bundle.backend, index_backend=self.index.backend_name,
+                           bundle=self.bundle_id, index_counts=self.index.counts())
+        return figures
+
+    async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., R], *args: Any) -> R:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    # -- encoding -----------------------------------------------------------------------------------------
+    def _encode_batch(self, modality: str, payloads: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[dict]:
+        """Several requests' features in one runtime call: [sum B_i, T, *shape] -> each request's rows."""
+        x = np.concatenate([p[0] for p in payloads])
+        mask = None if payloads[0][1] is None else np.concatenate([p[1] for p in payloads])
+        out = self.require_ready().encode(modality, x, mask)
+        results, start = [], 0
+        for p in payloads:
+            n = len(p[0])
+            results.append({k: v[start : start + n] for k, v in out.items()})
+            start += n
+        return results
+
+    async def encode(self, modality: str, inputs: Sequence[InputFields], where: str = "inputs") -> list[Encoded]:
+        """INPUTs of one modality -> per input {"layer1" [T], "layer2" [T], "embedding" [E]} (cache, then batcher)."""
+        bundle = self.require_ready()
+        keys = [cache_key(self.bundle_id, modality, item) for item in inputs] if self.cache else []
+        found: list[Encoded | None] = await self.cache.get_many(keys) if self.cache else [None] * len(inputs)
+        todo = [i for i, hit in enumerate(found) if hit is None]
+        if todo:
+            x, mask = await self.run_in(self.decode_pool, to_features, [inputs[i] for i in todo], modality, bundle,
+                                        self.frontends, where)
+            out = await self.encoders[modality].submit((x, mask), rows=len(x))
+            fresh = {}
+            for row, i in enumerate(todo):
+                found[i] = {k: out[k][row] for k in ("layer1", "layer2", "embedding")}
+                if self.cache:
+                    fresh[keys[i]] = found[i]
+            if self.cache:
+                await self.cache.put_many(fresh)
+        return found  # type: ignore[return-value]
+
+    # -- search -------------------------------------------------------------------------------------------
+    def _search_batch(self, modality: str, payloads: Sequence[tuple[np.ndarray, int]]) -> list[list[Hit]]:
+        """Catch the index up with the catalog, then search every query of the batch in one call."""
+        assert self.index is not None
+        self.index.sync()
+        k = max(p[1] for p in payloads)
+        hits = self.index.search(modality, np.stack([p[0] for p in payloads]), k)
+        return [h[: p[1]] for h, p in zip(hits, payloads)]
+
+    async def search(self, target: str, vector: np.ndarray, k: int) -> list[Hit]:
+        self.require_ready()
+        return await self.searchers[target].submit((vector, k))
+
+    # -- catalog ------------------------------------------------------------------------------------------
+    def new_item(self, item_id: str, modality: str, enc: Encoded, metadata: dict) -> Item:
+        assert self.catalog is not None and self.bundle is not None
+        codes = {"layer1": enc["layer1"].tolist()}
+        if self.bundle.manifest.layers > 1:
+            codes["layer2"] = enc["layer2"].tolist()
+        return make_item(item_id, modality, enc["embedding"], self.catalog.dim, metadata, codes)

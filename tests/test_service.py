@@ -1,0 +1,279 @@
+"""The HTTP API on a real uvicorn server with the SQLite catalog: every endpoint, every error status of DESIGN §7,
+batching that changes no answer, and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import pytest
+from conftest import SERVICE_API_KEY
+from test_service_support import b64, image_bytes, mp4_bytes, random_features, wav_bytes
+
+from srcid.runtime import load_bundle
+from srcid.service.media import build_frontends
+from srcid.service.models import InputFields
+from srcid.service.media import to_features
+
+AUTH = {"Authorization": f"Bearer {SERVICE_API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def reference(service_bundle):
+    """The runtime and front-ends in the test process: what the service must answer, computed without it."""
+    bundle = load_bundle(service_bundle, backend="onnx-cpu", threads=1)
+    return bundle, build_frontends(bundle)
+
+
+def expected(reference, modality: str, inputs: list[dict]) -> dict[str, np.ndarray]:
+    bundle, frontends = reference
+    x, mask = to_features([InputFields(**i) for i in inputs], modality, bundle, frontends)
+    return bundle.encode(modality, x, mask)
+
+
+def post(server, path: str, body, **kw) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"code", "message"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+# -- health ---------------------------------------------------------------------------------------------------
+def test_health_ready_and_metrics(sqlite_service):
+    assert httpx.get(sqlite_service.url + "/healthz").json() == {"status": "alive"}
+    ready = httpx.get(sqlite_service.url + "/readyz").json()
+    assert ready["status"] == "ready"
+    assert ready["bundle"]["runtime_backend"] == "onnx-cpu" and ready["bundle"]["modalities"] == ["audio", "video", "text"]
+    assert ready["index"]["backend"].startswith("faiss-cpu") and ready["index"]["catalog"].startswith("sqlite:///")
+    assert set(ready["index"]["counts"]) == {"audio", "video", "text"}
+    post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "one two"}]})
+    metrics = httpx.get(sqlite_service.url + "/metrics").text
+    assert 'srcid_requests_total{method="POST",route="/encode",status="200"}' in metrics
+    assert 'srcid_request_seconds_bucket{le="0.5",method="POST",route="/encode"}' in metrics
+    assert 'srcid_batch_rows_count{batcher="encode-text"}' in metrics
+    assert 'srcid_queue_depth{batcher="encode-text"}' in metrics
+    assert 'srcid_index_items{modality="audio"}' in metrics and "srcid_ready 1.0" in metrics
+    assert 'srcid_backend_info{bundle="' in metrics and 'runtime="onnx-cpu"' in metrics
+
+
+# -- /encode --------------------------------------------------------------------------------------------------
+MEDIA_CASES = {
+    "text": ("text", lambda: [{"text": "seven seven three"}, {"text": "nothing one"}]),
+    "wav": ("audio", lambda: [{"audio_b64": b64(wav_bytes())}, {"audio_b64": b64(wav_bytes(1.0, 8000, 300.0))}]),
+    "flac+ogg": ("audio", lambda: [{"audio_b64": b64(wav_bytes(fmt="FLAC"))}, {"audio_b64": b64(wav_bytes(fmt="OGG"))}]),
+    "png+jpeg frames": ("video", lambda: [{"frames_b64": [b64(image_bytes(i)) for i in range(3)]},
+                                          {"frames_b64": [b64(image_bytes(9, "JPEG"))]}]),
+    "mp4": ("video", lambda: [{"video_b64": b64(mp4_bytes())}]),
+    "features": ("audio", lambda: [{"features": random_features("audio", 0).tolist()}]),
+    "masked features": ("text", lambda: [{"features": random_features("text", 1).tolist(), "mask": [True] * 4 + [False] * 6}]),
+}
+
+
+@pytest.mark.parametrize("case", list(MEDIA_CASES))
+def test_encode_equals_the_runtime_on_every_input_kind(sqlite_service, reference, case):
+    modality, make = MEDIA_CASES[case]
+    inputs = make()
+    r = post(sqlite_service, "/encode", {"modality": modality, "inputs": inputs, "return_embedding": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want = expected(reference, modality, inputs)
+    assert body["bundle"] == sqlite_service.state.bundle_id and len(body["items"]) == len(inputs)
+    for i, item in enumerate(body["items"]):
+        assert item["layer1"] == want["layer1"][i].tolist() and item["layer2"] == want["layer2"][i].tolist()
+        assert len(item["layer1"]) == 10
+        np.testing.assert_allclose(item["embedding"], want["embedding"][i], atol=1e-5)
+        assert abs(np.linalg.norm(item["embedding"]) - 1) < 1e-4
+
+
+def test_encode_leaves_out_the_embedding_unless_asked(sqlite_service):
+    r = post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "four"}]})
+    assert r.status_code == 200 and set(r.json()["items"][0]) == {"layer1", "layer2"}
+
+
+def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, reference):
+    inputs = [{"features": random_features("audio", 100 + i).tolist()} for i in range(64)]
+    want = expected(reference, "audio", inputs)  # each row is independent of the others in the batch
+    single = [expected(reference, "audio", [x]) for x in inputs[:4]]
+    for i, s in enumerate(single):
+        assert s["layer1"][0].tolist() == want["layer1"][i].tolist()
+
+    def batches() -> tuple[float, float]:
+        text = httpx.get(sqlite_service.url + "/metrics").text
+        line = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith("srcid_batch_rows")}
+        return line['srcid_batch_rows_count{batcher="encode-audio"}'], line['srcid_batch_rows_sum{batcher="encode-audio"}']
+
+    calls_before, rows_before = batches()
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=sqlite_service.url, timeout=120) as client:
+            return await asyncio.gather(*[
+                client.post("/encode", json={"modality": "audio", "inputs": [x], "return_embedding": True})
+                for x in inputs
+            ])
+
+    answers = asyncio.run(fire())
+    assert [a.status_code for a in answers] == [200] * 64
+    for i, a in enumerate(answers):
+        item = a.json()["items"][0]
+        assert item["layer1"] == want["layer1"][i].tolist() and item["layer2"] == want["layer2"][i].tolist()
+        np.testing.assert_allclose(item["embedding"], want["embedding"][i], atol=1e-5)
+    calls, rows = batches()
+    assert rows - rows_before == 64
+    assert calls - calls_before < 64, "no two concurrent requests shared a runtime call"
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+def _nan_features() -> str:
+    x = random_features("audio", 3).tolist()
+    x[2][5] = float("nan")
+    return json.dumps({"modality": "audio", "inputs": [{"features": x}]})  # json.dumps writes NaN
+
+
+BAD_REQUESTS = [
+    ("wrong modality name", {"modality": "smell", "inputs": [{"text": "one"}]}, 422, "invalid_request"),
+    ("input of another modality", {"modality": "audio", "inputs": [{"text": "one"}]}, 400, "wrong_modality"),
+    ("frames for audio", {"modality": "audio", "inputs": [{"frames_b64": ["AAAA"]}]}, 400, "wrong_modality"),
+    ("bad base64", {"modality": "audio", "inputs": [{"audio_b64": "not base64!!"}]}, 400, "bad_base64"),
+    ("corrupt wav", {"modality": "audio", "inputs": [{"audio_b64": b64(b"RIFF\x24\x00\x00\x00WAVEfmt garbage")}]},
+     400, "bad_media"),
+    ("corrupt png", {"modality": "video", "inputs": [{"frames_b64": [b64(b"\x89PNG\r\n\x1a\nbroken")]}]}, 400, "bad_media"),
+    ("corrupt mp4", {"modality": "video", "inputs": [{"video_b64": b64(b"\x00\x00\x00\x18ftypmp42 broken")}]},
+     400, "bad_media"),
+    ("wrong feature shape", {"modality": "audio", "inputs": [{"features": [[0.0] * 64] * 10}]}, 400, "bad_features"),
+    ("ragged features", {"modality": "audio", "inputs": [{"features": [[0.0] * 128, [0.0]]}]}, 400, "bad_features"),
+    ("string features", {"modality": "audio", "inputs": [{"features": [["a"] * 128] * 10}]}, 400, "bad_features"),
+    ("empty inputs", {"modality": "text", "inputs": []}, 422, "invalid_request"),
+    ("empty text", {"modality": "text", "inputs": [{"text": "   "}]}, 400, "empty_input"),
+    ("empty base64", {"modality": "audio", "inputs": [{"audio_b64": ""}]}, 400, "empty_input"),
+    ("no frames", {"modality": "video", "inputs": [{"frames_b64": []}]}, 400, "empty_input"),
+    ("two input fields", {"modality": "text", "inputs": [{"text": "one", "audio_b64": "AAAA"}]}, 422, "invalid_request"),
+    ("no input field", {"modality": "text", "inputs": [{}]}, 422, "invalid_request"),
+    ("too many inputs", {"modality": "text", "inputs": [{"text": "one"}] * 65}, 400, "too_many_inputs"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,code", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_encode_requests_get_json_errors(sqlite_service, name, body, status, code):
+    assert_error(post(sqlite_service, "/encode", body), status, code)
+
+
+def test_nan_features_get_400(sqlite_service):
+    r = httpx.post(sqlite_service.url + "/encode", content=_nan_features(), headers={"content-type": "application/json"})
+    assert "NaN" in assert_error(r, 400, "bad_features")["message"]
+
+
+def test_not_json_and_unknown_routes(sqlite_service):
+    r = httpx.post(sqlite_service.url + "/encode", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400, "invalid_json")
+    assert_error(httpx.get(sqlite_service.url + "/nowhere"), 404, "not_found")
+    assert_error(httpx.get(sqlite_service.url + "/encode"), 405, "method_not_allowed")
+
+
+def test_curl_style_form_content_type_is_read_as_json(sqlite_service):
+    r = httpx.post(sqlite_service.url + "/encode", content=json.dumps({"modality": "text", "inputs": [{"text": "one"}]}),
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200, r.text
+
+
+def test_body_too_large_gets_413(sqlite_service):
+    big = {"modality": "text", "inputs": [{"text": "one " * (300_000)}]}  # ~1.2 MB > the 1 MB limit
+    assert_error(post(sqlite_service, "/encode", big), 413, "body_too_large")
+
+    def chunks():  # no Content-Length: the limit holds while reading
+        for _ in range(20):
+            yield b" " * 100_000
+
+    r = httpx.post(sqlite_service.url + "/encode", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413, "body_too_large")
+    assert post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "still fine"}]}).status_code == 200
+
+
+# -- /items and /retrieve -------------------------------------------------------------------------------------
+def _item(item_id: str, modality: str, seed: int, **meta) -> dict:
+    return {"id": item_id, "modality": modality, "features": random_features(modality, seed).tolist(), "metadata": meta}
+
+
+def test_writes_need_the_api_key(sqlite_service):
+    body = {"items": [_item("k1", "audio", 1)]}
+    assert_error(post(sqlite_service, "/items", body), 401, "unauthorized")
+    assert_error(post(sqlite_service, "/items", body, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    assert_error(post(sqlite_service, "/items", body, headers={"Authorization": SERVICE_API_KEY}), 401)
+    assert_error(httpx.delete(sqlite_service.url + "/items/k1"), 401, "unauthorized")
+    assert post(sqlite_service, "/items", body, headers=AUTH).status_code == 201
+    assert httpx.get(sqlite_service.url + "/items/k1").status_code == 200  # reads need no key
+    assert httpx.delete(sqlite_service.url + "/items/k1", headers=AUTH).json() == {"deleted": "k1"}
+
+
+def test_items_round_trip_and_retrieve(sqlite_service, reference):
+    items = [_item(f"a{i}", "audio", 10 + i, n=i) for i in range(5)] + [_item(f"v{i}", "video", 20 + i) for i in range(3)]
+    items.append({"id": "t/0", "modality": "text", "text": "seven three", "metadata": {"word": "seven"}})
+    r = post(sqlite_service, "/items", {"items": items}, headers=AUTH)
+    assert r.status_code == 201 and r.json() == {"added": [it["id"] for it in items]}
+
+    got = httpx.get(sqlite_service.url + "/items/a3", params={"embedding": "true"}).json()
+    want = expected(reference, "audio", [{"features": items[3]["features"]}])
+    assert got["id"] == "a3" and got["modality"] == "audio" and got["metadata"] == {"n": 3}
+    assert got["codes"] == {"layer1": want["layer1"][0].tolist(), "layer2": want["layer2"][0].tolist()}
+    np.testing.assert_allclose(got["embedding"], want["embedding"][0], atol=1e-5)
+    assert httpx.get(sqlite_service.url + "/items/t%2F0").json()["metadata"] == {"word": "seven"}
+
+    # By content: the item's own features come back first with cosine ~1; scores are sorted.
+    r = post(sqlite_service, "/retrieve", {"query": {"modality": "audio", "features": items[3]["features"]},
+                                           "target": "audio", "top_k": 3})
+    results = r.json()["results"]
+    assert r.status_code == 200 and len(results) == 3
+    assert results[0]["id"] == "a3" and results[0]["score"] > 0.999 and results[0]["metadata"] == {"n": 3}
+    assert [x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True)
+    assert all(x["modality"] == "audio" for x in results)
+
+    # By item id, across modalities: exactly the exact-search ranking of the stored embedding.
+    r = post(sqlite_service, "/retrieve", {"query": {"item_id": "a3"}, "target": "video", "top_k": 10})
+    video = [x["id"] for x in r.json()["results"]]
+    vecs = {f"v{i}": expected(reference, "video", [{"features": items[5 + i]["features"]}])["embedding"][0] for i in range(3)}
+    assert video == sorted(vecs, key=lambda k: -float(vecs[k] @ want["embedding"][0]))
+    # ... and never the query item itself.
+    r = post(sqlite_service, "/retrieve", {"query": {"item_id": "a3"}, "target": "audio", "top_k": 10})
+    assert "a3" not in [x["id"] for x in r.json()["results"]] and len(r.json()["results"]) == 4
+
+    assert_error(post(sqlite_service, "/items", {"items": [_item("a1", "audio", 99)]}, headers=AUTH), 409, "duplicate_id")
+    assert httpx.delete(sqlite_service.url + "/items/a3", headers=AUTH).status_code == 200
+    assert_error(httpx.get(sqlite_service.url + "/items/a3"), 404, "not_found")
+    assert_error(httpx.delete(sqlite_service.url + "/items/a3", headers=AUTH), 404, "not_found")
+    r = post(sqlite_service, "/retrieve", {"query": {"modality": "audio", "features": items[3]["features"]},
+                                           "target": "audio", "top_k": 10})
+    assert "a3" not in [x["id"] for x in r.json()["results"]]
+
+
+BAD_RETRIEVES = [
+    ("unknown item", {"query": {"item_id": "no-such-item"}, "target": "audio"}, 404, "not_found"),
+    ("unknown target", {"query": {"item_id": "x"}, "target": "smell"}, 422, "invalid_request"),
+    ("top_k 0", {"query": {"item_id": "x"}, "target": "audio", "top_k": 0}, 422, "invalid_request"),
+    ("no modality", {"query": {"text": "one"}, "target": "audio"}, 422, "invalid_request"),
+    ("id and input", {"query": {"item_id": "x", "modality": "text", "text": "one"}, "target": "audio"}, 422, None),
+    ("bad query media", {"query": {"modality": "audio", "audio_b64": "%%%"}, "target": "text"}, 400, "bad_base64"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,code", BAD_RETRIEVES, ids=[b[0] for b in BAD_RETRIEVES])
+def test_bad_retrieve_requests(sqlite_service, name, body, status, code):
+    assert_error(post(sqlite_service, "/retrieve", body), status, code)
+
+
+def test_bad_items(sqlite_service):
+    bad_meta = _item("m1", "audio", 1)
+    bad_meta["metadata"] = {"x": float("nan")}
+    r = httpx.post(sqlite_service.url + "/items", content=json.dumps({"items": [bad_meta]}),
+                   headers={**AUTH, "content-type": "application/json"})
+    assert_error(r, 400, "bad_item")
+    assert_error(post(sqlite_service, "/items", {"items": []}, headers=AUTH), 422)
+    assert_error(post(sqlite_service, "/items", {"items": [{**_item("m2", "audio", 1), "modality": "text"}]},
+                      headers=AUTH), 400, "bad_features")
+    assert_error(httpx.get(sqlite_service.url + "/items/m1"), 404)  # nothing of a refused add was written
