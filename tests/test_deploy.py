@@ -592,3 +592,19 @@ def test_entry_command_with_compose_environment_serves_readyz(image_site, tmp_pa
             stop(r)
         for server in redis_servers.values():
             server.stop()
+
+
+def test_catalog_footprint_measures_and_cleans_up(redis_server):
+    """deploy/catalog_footprint.py (Redis sizing in docs/DEPLOY.md): an item costs at least its embedding in
+    memory and in the AOF, and the tool leaves the Redis as it found it."""
+    client = redis.Redis(port=redis_server.port)
+    client.set("unrelated", "kept")
+    result = subprocess.run([sys.executable, str(ROOT / "deploy" / "catalog_footprint.py"), "--catalog",
+                             redis_server.url(3), "--items", "600", "--dim", "64", "--batch", "200"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["items"] == 600 and figures["aof_enabled"] == "yes"
+    assert figures["embedding_bytes"] == 256
+    assert 256 < figures["aof_bytes_per_item"] < 4096 and 256 < figures["memory_bytes_per_item"] < 8192
+    assert redis.Redis(port=redis_server.port, db=3).dbsize() == 0 and client.get("unrelated") == b"kept"
