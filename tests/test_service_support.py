@@ -102,7 +102,8 @@ class ProcessServer:
     def __init__(self, log: Path, args: list[str] = (), **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, **{f"SRCID_{k.upper()}": str(v) for k, v in env.items()}, "SRCID_PORT": str(self.port)}
+        outer = {k: v for k, v in os.environ.items() if not k.startswith("SRCID_")}  # only the settings given here
+        full_env = {**outer, **{f"SRCID_{k.upper()}": str(v) for k, v in env.items()}, "SRCID_PORT": str(self.port)}
         self.log_path = log
         self._log = open(log, "wb")
         srcid = Path(sys.executable).with_name("srcid")

@@ -124,7 +124,10 @@ class MicroBatcher(Generic[P, R]):
             try:
                 results = await loop.run_in_executor(self._executor, self._run, [p.payload for p in live])
             except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
-                log.exception("%s: batch of %d requests failed", self.name, len(live))
+                if isinstance(exc, ValueError):  # an error with a status for the client (catalog down, say)
+                    log.warning("%s: batch of %d requests failed: %s", self.name, len(live), exc)
+                else:
+                    log.exception("%s: batch of %d requests failed", self.name, len(live))
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(exc)

@@ -10,17 +10,22 @@ Modality = Literal["audio", "video", "text"]
 INPUT_FIELDS = ("text", "audio_b64", "video_b64", "frames_b64", "features")
 
 
+ONE_INPUT = [{"required": [f]} for f in INPUT_FIELDS]
+MASK_NEEDS_FEATURES = {"mask": ["features"]}
+
+
 class InputFields(BaseModel):
     """One INPUT: exactly one of the five fields below."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": ONE_INPUT, "dependencies": MASK_NEEDS_FEATURES})
 
-    text: str | None = Field(None, description="text; one word per step (at most T words)")
-    audio_b64: str | None = Field(None, description="a WAV/FLAC/OGG file, base64")
-    video_b64: str | None = Field(None, description="an MP4/WebM file, base64")
-    frames_b64: list[str] | None = Field(None, description="base64 PNG/JPEG frames, one per second")
-    features: list[Any] | None = Field(None, description="precomputed features, nested list [T][D...]")
-    mask: list[bool] | None = Field(None, description="with `features` of a masked modality: [T], true = real step")
+    # Typed without None so the schema says "give it or leave it out" (null is refused); None means absent.
+    text: str = Field(None, description="text; one word per step (at most T words)")  # type: ignore[assignment]
+    audio_b64: str = Field(None, description="a WAV/FLAC/OGG file, base64")  # type: ignore[assignment]
+    video_b64: str = Field(None, description="an MP4/WebM file, base64")  # type: ignore[assignment]
+    frames_b64: list[str] = Field(None, description="base64 PNG/JPEG frames, one per second")  # type: ignore[assignment]
+    features: list[Any] = Field(None, description="precomputed features, nested list [T][D...]")  # type: ignore[assignment]
+    mask: list[bool] = Field(None, description="with `features` of a masked modality: [T], true = real step")  # type: ignore[assignment]
 
     @property
     def kind(self) -> str:
@@ -62,8 +67,12 @@ class EncodeResponse(BaseModel):
 class Query(InputFields):
     """By content (`modality` and one INPUT) or by a catalog item (`item_id`)."""
 
-    modality: Modality | None = None
-    item_id: str | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["item_id"]}, {"required": ["modality"], "oneOf": ONE_INPUT}],
+        "dependencies": MASK_NEEDS_FEATURES})
+
+    modality: Modality = None  # type: ignore[assignment]
+    item_id: str = None  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "Query":

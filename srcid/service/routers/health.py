@@ -29,7 +29,11 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     cache = None
     if state.cache is not None:
         cache = {"url": state.cache.url, "reachable": await state.cache.ping()}
-    describe = await state.run_in(state.io_pool, index.describe)
+    def caught_up() -> dict:
+        index.sync()
+        return index.describe()
+
+    describe = await state.run_in(state.io_pool, caught_up)
     return JSONResponse({
         "status": "ready",
         "bundle": {"id": state.bundle_id, "path": str(bundle.root), "modalities": bundle.modalities,

@@ -1,0 +1,121 @@
+"""Readiness, overload and life cycle: a server that cannot load or is still waiting answers 503; a full queue
+answers 429; `srcid serve` finishes requests in flight on SIGTERM and keeps its catalog across restarts; with no
+arguments it serves the embedded bundle and its demo catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_service_support import ProcessServer, ThreadServer, free_port, random_features
+
+EMBEDDED = Path(__file__).resolve().parent.parent / "srcid" / "assets"
+ENCODE = {"modality": "text", "inputs": [{"text": "one"}]}
+
+
+def _all_503(url: str) -> None:
+    for r in (
+        httpx.get(url + "/readyz"),
+        httpx.post(url + "/encode", json=ENCODE),
+        httpx.post(url + "/retrieve", json={"query": {"item_id": "x"}, "target": "audio"}),
+        httpx.post(url + "/items", json={"items": [{"id": "x", "modality": "text", "text": "one"}]}),
+        httpx.get(url + "/items/x"),
+        httpx.delete(url + "/items/x"),
+    ):
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "not_ready"
+    assert httpx.get(url + "/healthz").status_code == 200
+    assert "srcid_ready 0.0" in httpx.get(url + "/metrics").text
+
+
+def test_invalid_bundle_is_not_ready(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    server = ThreadServer(bundle=tmp_path / "bundle", data_dir=tmp_path / "data").start(ready=False)
+    try:
+        deadline = time.monotonic() + 30
+        while server.state.status != "failed" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _all_503(server.url)
+        assert "manifest.json" in httpx.get(server.url + "/readyz").json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_still_waiting_for_its_catalog_is_not_ready(service_bundle, tmp_path):
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    server = ThreadServer(bundle=service_bundle, data_dir=tmp_path, catalog_url=nobody).start(ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting for catalog" not in server.state.status and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _all_503(server.url)
+        assert "waiting for catalog" in httpx.get(server.url + "/readyz").json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_answers_429(service_bundle, tmp_path):
+    server = ThreadServer(bundle=service_bundle, data_dir=tmp_path, max_batch=1, queue_size=1, batch_wait_ms=0).start()
+    body = {"modality": "text", "inputs": [{"features": random_features("text", i).tolist()} for i in range(64)]}
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*[client.post("/encode", json=body) for _ in range(24)])
+
+    try:
+        answers = asyncio.run(fire())
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+        refused = next(a for a in answers if a.status_code == 429).json()["error"]
+        assert refused["code"] == "overloaded"
+    finally:
+        server.stop()
+
+
+def test_srcid_serve_drains_on_sigterm_and_keeps_its_catalog(service_bundle, tmp_path):
+    env = {"bundle": service_bundle, "data_dir": tmp_path / "data", "batch_wait_ms": 400}
+    server = ProcessServer(tmp_path / "serve.log", **env)
+    server.wait_ready()
+    item = {"id": "kept", "modality": "audio", "features": random_features("audio", 7).tolist()}
+    assert httpx.post(server.url + "/items", json={"items": [item]}).status_code == 201
+
+    async def in_flight():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            requests = [asyncio.ensure_future(client.post("/encode", json=ENCODE)) for _ in range(8)]
+            await asyncio.sleep(0.2)  # connected and waiting in the batcher (400 ms)
+            server.process.send_signal(15)
+            return await asyncio.gather(*requests)
+
+    answers = asyncio.run(in_flight())
+    assert [a.status_code for a in answers] == [200] * 8
+    # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is -SIGTERM.
+    assert server.terminate() in (0, -15)
+    log = server.log_path.read_text()
+    assert "Application shutdown complete" in log and "index saved" in log and all(json.loads(line) for line in log.splitlines() if line.startswith("{"))
+
+    again = ProcessServer(tmp_path / "serve2.log", **env)
+    try:
+        again.wait_ready()
+        assert httpx.get(again.url + "/items/kept").status_code == 200
+        assert httpx.get(again.url + "/readyz").json()["index"]["counts"]["audio"] == 1
+    finally:
+        again.terminate()
+
+
+@pytest.mark.skipif(not (EMBEDDED / "bundle" / "manifest.json").is_file(), reason="no embedded bundle in srcid/assets/bundle")
+def test_srcid_serve_with_no_arguments_serves_the_embedded_demo(tmp_path):
+    demo = json.loads((EMBEDDED / "demo" / "demo.json").read_text())["items"]
+    server = ProcessServer(tmp_path / "serve.log", data_dir=tmp_path / "data")
+    try:
+        ready = server.wait_ready().json()
+        counts = {m: sum(e["modality"] == m for e in demo) for m in ("audio", "video", "text")}
+        assert ready["index"]["counts"] == counts and ready["bundle"]["path"].endswith("assets/bundle")
+        r = httpx.post(server.url + "/retrieve", json={"query": {"modality": "text", "text": "seven"},
+                                                       "target": "audio", "top_k": 3}).json()["results"]
+        assert len(r) == 3 and all(x["modality"] == "audio" and "digit" in x["metadata"] for x in r)
+    finally:
+        server.terminate()
