@@ -71,7 +71,8 @@ assert torch.version.cuda, 'torch is a CPU build'"; \
 assert torch.version.cuda is None, 'torch is a CUDA build: the image would carry GBs of CUDA libraries'"; \
     fi
 
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/srcid --shell /usr/sbin/nologin srcid \
+RUN groupadd --system --gid 10001 srcid \
+ && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/srcid --shell /usr/sbin/nologin srcid \
  && mkdir -p /data /bundles \
  && chown srcid:srcid /data
 COPY deploy/healthcheck.py /opt/srcid/healthcheck.py
