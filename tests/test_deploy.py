@@ -283,6 +283,8 @@ def test_compose_config_with_docker_compose():
     if binary is None:
         pytest.skip("docker-compose not installed (apt-get install docker-compose); "
                     "the Compose spec check in test_compose_file_validates_against_the_compose_spec still ran")
+    env_file = read_env_file(ENV_EXAMPLE)
+    ours = load_compose(env_file)
     for profiles in compose_variants():
         args = [binary, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE_FILE)]
         args += [flag for profile in profiles for flag in ("--profile", profile)]
@@ -290,11 +292,10 @@ def test_compose_config_with_docker_compose():
         assert result.returncode == 0, f"docker-compose {profiles} config:\n{result.stderr}"
         # This file's resolver (used by the entry-command test) agrees with docker-compose's.
         resolved = yaml.safe_load(result.stdout)["services"]
-        ours = load_compose(read_env_file(ENV_EXAMPLE))
-        for name in resolved:
-            if "environment" in resolved[name]:
-                theirs = {k: str(v) for k, v in resolved[name]["environment"].items() if v is not None}
-                assert service_environment(ours["services"][name], read_env_file(ENV_EXAMPLE)) == theirs
+        assert set(resolved) == set(services_in(ours, profiles))
+        for name, service in resolved.items():
+            theirs = {k: str(v) for k, v in service.get("environment", {}).items() if v is not None}
+            assert service_environment(ours["services"][name], env_file) == theirs, name
 
 
 def test_compose_durability_health_and_scaling_rules():
