@@ -114,3 +114,20 @@ def test_amp_step_runs_in_bfloat16_with_finite_losses():
     step = TrainStep(model, OptimConfig(amp=True), WarmStartConfig(force_step=0))
     figures = step.step(_batch(8, torch.Generator().manual_seed(5)))
     assert torch.isfinite(figures["loss"]) and float(figures["l2_recon"]) > 0
+
+
+def test_attention_window_limits_what_a_step_sees():
+    torch.manual_seed(0)
+    model = SRCID(SRCIDConfig(**SMALL, attention_window=1)).eval()
+    x = torch.randn(2, 10, 20)
+    changed = x.clone()
+    changed[:, 5:] += 3.0
+    a = model.layer1.general["audio"](x, torch.ones(2, 10, dtype=torch.bool))
+    b = model.layer1.general["audio"](changed, torch.ones(2, 10, dtype=torch.bool))
+    # Two layers of ±1-step attention reach 2 steps: steps 0..2 cannot see step 5.
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-5)
+    assert not torch.allclose(a[:, 3:5], b[:, 3:5], atol=1e-3)
+    full = SRCID(SRCIDConfig(**SMALL)).eval()
+    c = full.layer1.general["audio"](x, torch.ones(2, 10, dtype=torch.bool))
+    d = full.layer1.general["audio"](changed, torch.ones(2, 10, dtype=torch.bool))
+    assert not torch.allclose(c[:, :3], d[:, :3], atol=1e-3)

@@ -52,6 +52,9 @@ class SRCIDConfig(BaseModel):
     ff: int = Field(1024, gt=0)
     transformer_layers: int = Field(2, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_window: int | None = Field(
+        None, ge=0, description="Φ attends only to steps this close (None: the whole clip, as the authors)"
+    )
     layers: Literal[1, 2] = Field(2, description="1: layer 1 only (DCID baselines, SRCID-only1); 2: full SRCID")
     quantizer: Literal["vq", "rvq2", "rvq3", "rvq4", "fsq"] = "vq"
     codebook_size: int = Field(400, gt=0)

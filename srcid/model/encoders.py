@@ -25,10 +25,17 @@ class FeatureStem(nn.Module):
 class GeneralEncoder(nn.Module):
     """Φ: Linear to H, learned positions, then a transformer encoder. [B, T, *shape] -> z [B, T, H]."""
 
-    def __init__(self, shape: tuple[int, ...], hidden: int, heads: int, ff: int, layers: int, T: int, dropout: float):
+    def __init__(
+        self, shape: tuple[int, ...], hidden: int, heads: int, ff: int, layers: int, T: int, dropout: float,
+        window: int | None = None,
+    ):
         super().__init__()
         self.stem = FeatureStem(shape, hidden)
         self.position = nn.Parameter(torch.zeros(T, hidden))
+        # window: each step attends only to steps at most this far away (None: the whole clip, as the authors).
+        steps = torch.arange(T)
+        far = (steps[:, None] - steps[None, :]).abs() > window if window is not None else None
+        self.register_buffer("far", far, persistent=False)
         layer = nn.TransformerEncoderLayer(hidden, heads, ff, dropout, batch_first=True, norm_first=True)
         # No nested-tensor fast path: it changes numerics with the padding pattern, breaking batch invariance.
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -36,8 +43,10 @@ class GeneralEncoder(nn.Module):
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         """x [B, T, *shape], valid [B, T] bool -> z [B, T, H]."""
-        h = self.stem(x) + self.position[: x.shape[1]]
-        return self.norm(self.transformer(h, src_key_padding_mask=~valid))
+        T = x.shape[1]
+        h = self.stem(x) + self.position[:T]
+        mask = None if self.far is None else self.far[:T, :T]
+        return self.norm(self.transformer(h, mask=mask, src_key_padding_mask=~valid))
 
 
 class SpecificEncoder(nn.Module):

@@ -47,7 +47,8 @@ class SRCIDLayer(nn.Module):
         super().__init__()
         H = cfg.hidden
         self.general = nn.ModuleDict(
-            {m: GeneralEncoder(shp, H, cfg.heads, cfg.ff, cfg.transformer_layers, cfg.T, cfg.dropout)
+            {m: GeneralEncoder(shp, H, cfg.heads, cfg.ff, cfg.transformer_layers, cfg.T, cfg.dropout,
+                               cfg.attention_window)
              for m, shp in shapes.items()}
         )
         self.specific = nn.ModuleDict({m: SpecificEncoder(shp, H) for m, shp in shapes.items()})
