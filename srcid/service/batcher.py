@@ -1,7 +1,8 @@
 """Dynamic micro-batching: concurrent requests gathered into one call of a batch function.
 
 A request (one or more rows) waits in a bounded queue; a worker takes the first waiting request, then keeps
-taking requests until the batch holds `max_batch` rows or `max_wait_ms` has passed since the first arrived, runs
+taking requests until the batch holds `max_batch` rows or `max_wait_ms` has passed since the first arrived (it
+waits only while requests announced with `coming()` are still on their way, so a lone request runs at once), runs
 the batch function once in an executor (so the event loop stays free), and hands each request its own rows. A
 full queue refuses at once (`Overloaded`, HTTP 429) rather than letting latency grow without bound.
 """
@@ -9,6 +10,7 @@ full queue refuses at once (`Overloaded`, HTTP 429) rather than letting latency 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,7 +32,8 @@ class _Pending(Generic[P, R]):
 
 
 class MicroBatcher(Generic[P, R]):
-    """`run(payloads) -> results` (one result per payload, same order) is called with up to `max_batch` rows.
+    """`run(payloads) -> results` (one result per payload, same order; an Exception as a result fails that request
+    alone) is called with up to `max_batch` rows.
 
     `on_batch(rows)` and `on_depth(depth)` report batch sizes and queue depth (metrics)."""
 
@@ -53,11 +56,26 @@ class MicroBatcher(Generic[P, R]):
         self._held: _Pending | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._coming = 0
+
+    @contextlib.contextmanager
+    def coming(self):
+        """Wrap the work (decoding, say) between a request's arrival and its `enqueue`, so that a batch being
+        gathered waits for it; with nothing coming, a batch runs without waiting."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
 
     async def submit(self, payload: P, rows: int = 1) -> R:
+        return await self.enqueue(payload, rows)
+
+    def enqueue(self, payload: P, rows: int = 1) -> asyncio.Future:
+        """Queue a request; the future gets its result. Raises Overloaded when the queue is full."""
         if self._closing or self._task is None:
             raise NotReady(f"{self.name}: the service is shutting down")
         future = asyncio.get_running_loop().create_future()
@@ -66,7 +84,7 @@ class MicroBatcher(Generic[P, R]):
         except asyncio.QueueFull:
             raise Overloaded(f"{self.name}: {self._queue.maxsize} requests already waiting; retry later") from None
         self._on_depth(self._queue.qsize())
-        return await future
+        return future
 
     async def drain(self) -> None:
         """Stop taking requests, answer every queued one, then stop the worker."""
@@ -92,6 +110,8 @@ class MicroBatcher(Generic[P, R]):
         batch, rows = [first], first.rows
         deadline = loop.time() + self.max_wait
         while rows < self.max_batch:
+            if self._queue.empty() and self._coming == 0:
+                break
             try:
                 item = await self._next(deadline - loop.time())
             except (asyncio.QueueEmpty, asyncio.TimeoutError):
@@ -133,5 +153,9 @@ class MicroBatcher(Generic[P, R]):
                         p.future.set_exception(exc)
                 continue
             for p, result in zip(live, results):
-                if not p.future.done():
+                if p.future.done():
+                    continue
+                if isinstance(result, Exception):  # this request's own error; the others of the batch went on
+                    p.future.set_exception(result)
+                else:
                     p.future.set_result(result)

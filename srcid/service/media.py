@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -102,37 +103,78 @@ def _decode(item: InputFields, modality: str, T: int, where: str) -> Any:
         raise BadInput(f"{where}: {exc}", code="bad_media") from None
 
 
-def to_features(
-    items: Sequence[InputFields], modality: str, bundle: Bundle, frontends: dict[str, FrontEnd], where: str = "inputs"
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """INPUTs of one modality -> features float32 [B, T, *shape] and mask bool [B, T] (None if unmasked)."""
+@dataclass
+class Prepared:
+    """One request's INPUTs after decoding, before the front-end: `rows[i]` holds input i's checked features
+    ([1, T, *shape], mask [1, T] or None) or None while it waits for the front-end; `media` the decoded media
+    of those inputs as (input index, media)."""
+
+    modality: str
+    rows: list[tuple[np.ndarray, np.ndarray | None] | None]
+    media: list[tuple[int, Any]]
+    where: str
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def prepare(items: Sequence[InputFields], modality: str, bundle: Bundle, where: str = "inputs") -> Prepared:
+    """Decode base64 and media and check `features` (per request, in a worker thread); raises `BadInput`."""
     if modality not in bundle.manifest.modalities:
         raise BadInput(f"modality {modality!r}: this bundle encodes {bundle.modalities}", code="wrong_modality")
     T = bundle.manifest.T
-    rows: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(items)
-    media: list[tuple[int, Any]] = []
+    job = Prepared(modality, [None] * len(items), [], where)
     for i, item in enumerate(items):
         label = f"{where}[{i}]"
         if item.kind == "features":
-            rows[i] = _features(item, bundle, modality, label)
+            job.rows[i] = _features(item, bundle, modality, label)
             continue
         if MEDIA_MODALITY[item.kind] != modality:
             raise BadInput(f"{label}: {item.kind} is {MEDIA_MODALITY[item.kind]} input, the request's modality is "
                            f"{modality}", code="wrong_modality")
-        media.append((i, _decode(item, modality, T, label)))
-    if media:
-        feats = frontends[modality]([m for _, m in media])
-        masked = bundle.manifest.modalities[modality].masked
-        for row, (i, _) in enumerate(media):
+        job.media.append((i, _decode(item, modality, T, label)))
+    return job
+
+
+def featurize(
+    jobs: Sequence[Prepared], bundle: Bundle, frontends: dict[str, FrontEnd]
+) -> list[tuple[np.ndarray, np.ndarray | None] | BadInput]:
+    """Several requests of one modality -> per request its features [B_i, T, *shape] and mask [B_i, T] (None if
+    unmasked), or the `BadInput` that request alone gets. All their media go through the front-end in one call."""
+    modality = jobs[0].modality
+    media = [m for job in jobs for _, m in job.media]
+    feats = frontends[modality](media) if media else None
+    masked = bundle.manifest.modalities[modality].masked
+    out: list[tuple[np.ndarray, np.ndarray | None] | BadInput] = []
+    row = 0
+    for job in jobs:
+        rows = list(job.rows)
+        problem = None
+        for i, _ in job.media:
             rows[i] = (feats.values[row : row + 1], feats.mask[row : row + 1] if masked else None)
             if masked and not feats.mask[row].any():
-                raise BadInput(f"{where}[{i}]: no step holds media", code="empty_input")
-    x = np.concatenate([r[0] for r in rows])  # type: ignore[index]
-    m = None if rows[0][1] is None else np.concatenate([r[1] for r in rows])  # type: ignore[index]
-    try:
-        return bundle.check_input(modality, x, m)
-    except ValueError as exc:  # NaN from a degenerate decode, say
-        raise BadInput(f"{where}: {exc}", code="bad_features") from None
+                problem = problem or BadInput(f"{job.where}[{i}]: no step holds media", code="empty_input")
+            row += 1
+        if problem is not None:
+            out.append(problem)
+            continue
+        x = np.concatenate([r[0] for r in rows])  # type: ignore[index]
+        m = None if rows[0][1] is None else np.concatenate([r[1] for r in rows])  # type: ignore[index]
+        try:
+            out.append(bundle.check_input(modality, x, m))
+        except ValueError as exc:  # NaN from a degenerate decode, say
+            out.append(BadInput(f"{job.where}: {exc}", code="bad_features"))
+    return out
+
+
+def to_features(
+    items: Sequence[InputFields], modality: str, bundle: Bundle, frontends: dict[str, FrontEnd], where: str = "inputs"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """INPUTs of one modality -> features float32 [B, T, *shape] and mask bool [B, T] (None if unmasked)."""
+    result = featurize([prepare(items, modality, bundle, where)], bundle, frontends)[0]
+    if isinstance(result, BadInput):
+        raise result
+    return result
 
 
 def bundle_id(bundle: Bundle) -> str:

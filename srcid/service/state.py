@@ -25,8 +25,8 @@ from srcid.runtime import Bundle, load_bundle
 
 from .batcher import MicroBatcher
 from .cache import EncodeCache, Encoded
-from .errors import NotReady
-from .media import build_frontends, bundle_id, cache_key, to_features
+from .errors import BadInput, NotReady
+from .media import Prepared, build_frontends, bundle_id, cache_key, featurize, prepare
 from .metrics import Metrics
 from .models import InputFields
 from .settings import Settings
@@ -157,14 +157,24 @@ class ServiceState:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     # -- encoding -----------------------------------------------------------------------------------------
-    def _encode_batch(self, modality: str, payloads: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> list[dict]:
-        """Several requests' features in one runtime call: [sum B_i, T, *shape] -> each request's rows."""
-        x = np.concatenate([p[0] for p in payloads])
-        mask = None if payloads[0][1] is None else np.concatenate([p[1] for p in payloads])
-        out = self.require_ready().encode(modality, x, mask)
-        results, start = [], 0
-        for p in payloads:
-            n = len(p[0])
+    def _encode_batch(self, modality: str, jobs: Sequence[Prepared]) -> list[dict | BadInput]:
+        """Several requests in one front-end call and one runtime call: [sum B_i, T, *shape] -> each request's
+        rows, or the BadInput of a request whose media the front-end could not use."""
+        bundle = self.require_ready()
+        feats = featurize(jobs, bundle, self.frontends)
+        good = [f for f in feats if not isinstance(f, BadInput)]
+        if not good:
+            return feats  # type: ignore[return-value]
+        x = np.concatenate([f[0] for f in good])
+        mask = None if good[0][1] is None else np.concatenate([f[1] for f in good])
+        out = bundle.encode(modality, x, mask)
+        results: list[dict | BadInput] = []
+        start = 0
+        for f in feats:
+            if isinstance(f, BadInput):
+                results.append(f)
+                continue
+            n = len(f[0])
             results.append({k: v[start : start + n] for k, v in out.items()})
             start += n
         return results
@@ -176,9 +186,11 @@ class ServiceState:
         found: list[Encoded | None] = await self.cache.get_many(keys) if self.cache else [None] * len(inputs)
         todo = [i for i, hit in enumerate(found) if hit is None]
         if todo:
-            x, mask = await self.run_in(self.decode_pool, to_features, [inputs[i] for i in todo], modality, bundle,
-                                        self.frontends, where)
-            out = await self.encoders[modality].submit((x, mask), rows=len(x))
+            batcher = self.encoders[modality]
+            with batcher.coming():
+                job = await self.run_in(self.decode_pool, prepare, [inputs[i] for i in todo], modality, bundle, where)
+                waiting = batcher.enqueue(job, rows=len(job))
+            out = await waiting
             fresh = {}
             for row, i in enumerate(todo):
                 found[i] = {k: out[k][row] for k in ("layer1", "layer2", "embedding")}

@@ -1,0 +1,196 @@
+"""Service load: QPS and p50/p99 latency of /encode and /retrieve at concurrency 1, 16 and 64, with micro-batching
+on (SRCID_MAX_BATCH=64) and off (SRCID_MAX_BATCH=1), in one run.
+
+    python bench/serve.py                                  # the embedded bundle, 100k catalog items
+    python bench/serve.py --bundle BUNDLE --items 100000 --requests 640
+
+This process is the load generator; each configuration runs `srcid serve` as a separate process on loopback
+(one at a time, so they do not share the CPU). The catalog gets `--items` random unit vectors per modality
+through the catalog API (not HTTP) before the servers start; every server indexes the same catalog. Load is
+bounded: `--requests` requests per (endpoint, concurrency), spread over that many concurrent workers.
+Requests carry precomputed features (audio [T, D]), so the figures are of the service and runtime, not of media
+decoding. Ratios printed at the end compare the two configurations measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from srcid.index.catalog import open_catalog  # noqa: E402
+from srcid.index.items import Item  # noqa: E402
+from srcid.runtime import load_bundle  # noqa: E402
+from srcid.service.media import bundle_id  # noqa: E402
+from srcid.service.settings import EMBEDDED_BUNDLE  # noqa: E402
+
+CONFIGS = {"batching on": {"MAX_BATCH": "64", "BATCH_WAIT_MS": "5"}, "batching off": {"MAX_BATCH": "1", "BATCH_WAIT_MS": "0"}}
+
+
+def fill_catalog(url: str, bundle_dir: Path, n: int, seed: int = 0) -> None:
+    """n random unit vectors per modality straight into the catalog (random codes are not needed for search)."""
+    bundle = load_bundle(bundle_dir, backend="onnx-cpu")
+    dim = bundle.manifest.embedding_dim
+    catalog = open_catalog(url, dim, bundle_id(bundle))
+    rng = np.random.default_rng(seed)
+    chunk = 5000
+    with tqdm(total=n * len(bundle.modalities), desc="catalog", unit="item") as bar:
+        for modality in bundle.modalities:
+            for start in range(0, n, chunk):
+                x = rng.standard_normal((min(chunk, n - start), dim)).astype(np.float32)
+                x /= np.linalg.norm(x, axis=1, keepdims=True)
+                catalog.add([Item(id=f"{modality}-{start + i}", modality=modality, embedding=v, metadata={"i": start + i})
+                             for i, v in enumerate(x)])
+                bar.update(len(x))
+    catalog.close()
+
+
+def start_server(bundle: Path, data: Path, catalog_url: str, port: int, extra: dict[str, str], log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SRCID_")}
+    env.update({"SRCID_BUNDLE": str(bundle), "SRCID_DATA_DIR": str(data), "SRCID_CATALOG_URL": catalog_url,
+                "SRCID_PORT": str(port), "SRCID_LOG_LEVEL": "warning", "SRCID_DEMO_CATALOG": "false",
+                **{f"SRCID_{k}": v for k, v in extra.items()}})
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("srcid")), "serve"], env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise TimeoutError("server not ready in 600 s")
+
+
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client on one socket: the load generator shares the 2 cores with the server,
+    so it must cost far less per request than the server does (httpx costs milliseconds)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    async def open(self) -> "Connection":
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        return self
+
+    async def post(self, raw: bytes) -> int:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def raw_request(path: str, body: dict, port: int) -> bytes:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+async def load(port: int, path: str, bodies: list[dict], concurrency: int) -> dict[str, float]:
+    """Send every body once with `concurrency` workers (one connection each); QPS over the whole run, latency
+    percentiles in ms."""
+    raws = [raw_request(path, b, port) for b in bodies]
+    latencies: list[float] = []
+    queue = list(reversed(raws))
+    failures = 0
+
+    async def worker(conn: Connection) -> None:
+        nonlocal failures
+        while queue:
+            raw = queue.pop()
+            t0 = time.perf_counter()
+            status = await conn.post(raw)
+            latencies.append(time.perf_counter() - t0)
+            failures += status != 200
+
+    conns = [await Connection("127.0.0.1", port).open() for _ in range(concurrency)]
+    await conns[0].post(raws[0])  # warm-up
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker(c) for c in conns])
+    wall = time.perf_counter() - t0
+    for c in conns:
+        c.close()
+    ms = np.array(latencies) * 1000
+    return {"qps": len(bodies) / wall, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "failures": failures}
+
+
+def bodies_for(endpoint: str, n: int, T: int, dim: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        features = np.round(rng.standard_normal((T, dim)), 4).tolist()
+        if endpoint == "/encode":
+            out.append({"modality": "audio", "inputs": [{"features": features}]})
+        else:
+            out.append({"query": {"modality": "audio", "features": features}, "target": "video", "top_k": 10})
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=EMBEDDED_BUNDLE)
+    parser.add_argument("--items", type=int, default=100_000, help="catalog items per modality")
+    parser.add_argument("--requests", type=int, default=640, help="requests per endpoint and concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    args = parser.parse_args()
+
+    manifest = load_bundle(args.bundle, backend="onnx-cpu").manifest
+    T, dim = manifest.T, manifest.modalities["audio"].shape[0]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="srcid-bench-") as tmp:
+        tmp = Path(tmp)
+        catalog_url = f"sqlite:///{tmp / 'catalog.db'}"
+        fill_catalog(catalog_url, args.bundle, args.items)
+        for name, extra in CONFIGS.items():
+            proc = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port, extra,
+                                tmp / f"{name}.log")
+            try:
+                for endpoint in ("/encode", "/retrieve"):
+                    for c in args.concurrency:
+                        bodies = bodies_for(endpoint, args.requests, T, dim, seed=c)
+                        figures = asyncio.run(load(args.port, endpoint, bodies, c))
+                        results[f"{name} {endpoint} c={c}"] = figures
+                        print(f"{name:13s} {endpoint:9s} c={c:<3d} {figures['qps']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms"
+                              f"  p99 {figures['p99_ms']:7.1f} ms  failures {figures['failures']}", flush=True)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    print()
+    for endpoint in ("/encode", "/retrieve"):
+        for c in args.concurrency:
+            on, off = results[f"batching on {endpoint} c={c}"], results[f"batching off {endpoint} c={c}"]
+            print(f"{endpoint:9s} c={c:<3d} batching on / off throughput: {on['qps'] / off['qps']:.2f}x")
+    info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "items_per_modality": args.items,
+            "requests": args.requests, "bundle": str(args.bundle), "results": results}
+    if args.out:
+        args.out.write_text(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
