@@ -17,6 +17,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--cache-url", "cache_url", str, "redis://host:port/db for the encode cache (SRCID_CACHE_URL, default none)"),
     ("--api-key", "api_key", str, "Bearer key for POST/DELETE /items (SRCID_API_KEY; prefer the variable)"),
     ("--runtime-backend", "runtime_backend", str, "onnx-cpu, onnx-cuda, torch-cuda, torch-cpu, auto"),
+    ("--runtime-threads", "runtime_threads", int, "onnxruntime intra-op threads (SRCID_RUNTIME_THREADS, 0: its default)"),
     ("--index-backend", "index_backend", str, "faiss-cpu, faiss-gpu, torch, auto"),
     ("--max-batch", "max_batch", int, "rows per runtime call (SRCID_MAX_BATCH, 64; 1 turns batching off)"),
     ("--batch-wait-ms", "batch_wait_ms", float, "how long a batch waits for more requests (SRCID_BATCH_WAIT_MS, 5)"),
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["demo_catalog"] = False
     settings = Settings(**overrides)
     if not settings.bundle.is_dir():
-        raise FileNotFoundError(f"--bundle {settings.bundle}: bundle folder not found")
+        what = "the embedded default bundle" if settings.uses_embedded_bundle else "bundle folder"
+        raise FileNotFoundError(f"{what} {settings.bundle} not found (--bundle / SRCID_BUNDLE name another)")
     log_config = configure(settings.log_level)
     logging.config.dictConfig(log_config)
     app = create_app(settings)
