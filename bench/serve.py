@@ -38,11 +38,7 @@ from srcid.runtime import load_bundle  # noqa: E402
 from srcid.service.media import bundle_id  # noqa: E402
 from srcid.service.settings import EMBEDDED_BUNDLE  # noqa: E402
 
-# One onnxruntime thread in both: its spinning worker threads take the CPU from the event loop on a 2-core host.
-CONFIGS = {
-    "batching on": {"MAX_BATCH": "64", "BATCH_WAIT_MS": "5", "RUNTIME_THREADS": "1"},
-    "batching off": {"MAX_BATCH": "1", "BATCH_WAIT_MS": "0", "RUNTIME_THREADS": "1"},
-}
+CONFIGS = {"batching on": {"MAX_BATCH": "64", "BATCH_WAIT_MS": "5"}, "batching off": {"MAX_BATCH": "1", "BATCH_WAIT_MS": "0"}}
 
 
 def fill_catalog(url: str, bundle_dir: Path, n: int, seed: int = 0) -> None:

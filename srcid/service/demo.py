@@ -13,6 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from srcid.index.errors import DuplicateIdError
+
 from .media import read_b64, to_features
 from .models import InputFields
 from .settings import DEMO_DIR
@@ -54,6 +56,10 @@ def load_demo(state: "ServiceState", root: Path = DEMO_DIR) -> int:
         for row, entry in enumerate(group):
             enc = {k: out[k][row] for k in ("layer1", "layer2", "embedding")}
             items.append(state.new_item(entry["id"], modality, enc, entry.get("metadata", {})))
-    catalog.add(items)
+    try:
+        catalog.add(items)
+    except DuplicateIdError as exc:  # another replica filled the same empty catalog first
+        log.info("demo catalog already there: %s", exc)
+        return 0
     log.info("demo catalog loaded", extra={"figures": {m: len(g) for m, g in by_modality.items()}})
     return len(items)

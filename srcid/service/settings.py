@@ -31,7 +31,11 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
     queue_size: int = Field(1024, ge=1, description="encode requests waiting per modality; a full queue answers 429")
     runtime_backend: str = Field("auto", description="onnx-cpu, onnx-cuda, torch-cuda, torch-cpu or auto")
-    runtime_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads (0: its default)")
+    # One thread each by default: the service already runs calls side by side (a worker per modality, a decode
+    # pool), and on a small or shared host spinning OpenMP/onnxruntime workers cost far more than they give
+    # (docs/PERFORMANCE.md, Serve: faiss B=1 search on 100k items 3.2 ms with one thread, 22.7 ms with two).
+    runtime_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: its default, all cores)")
+    index_threads: int = Field(1, ge=0, description="faiss OpenMP threads for CPU search (0: its default, all cores)")
     index_backend: str = Field("auto", description="faiss-cpu, faiss-gpu, torch or auto")
     decode_threads: int = Field(4, ge=1, description="threads that decode media and run front-ends")
     demo_catalog: bool = Field(True, description="load the shipped demo items into an empty catalog (embedded bundle only)")

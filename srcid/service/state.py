@@ -90,6 +90,10 @@ class ServiceState:
             if self.catalog is None:
                 return
             self.status = "building the index"
+            if s.index_threads:
+                import faiss
+
+                faiss.omp_set_num_threads(s.index_threads)
             self.index = open_index_for_catalog(self.catalog, s.index_dir, self.bundle_id,
                                                 bundle.manifest.embedding_dim, IndexConfig(backend=s.index_backend))
             if s.demo_catalog and s.uses_embedded_bundle and self.catalog.count() == 0:
