@@ -38,6 +38,14 @@ CATALOG_RETRY_S = 2.0
 Hit = tuple[str, float]
 
 
+def _omp_threads(n: int) -> None:
+    """OpenMP's thread count is per calling thread, so each search thread sets faiss's own."""
+    if n:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+
+
 class ServiceState:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -54,7 +62,8 @@ class ServiceState:
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.io_pool = ThreadPoolExecutor(8, thread_name_prefix="catalog")
         self.model_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="runtime")
-        self.search_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="search")
+        self.search_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="search",
+                                              initializer=_omp_threads, initargs=(settings.index_threads,))
         self.cache = EncodeCache(settings.cache_url, self.metrics.cache_result) if settings.cache_url else None
         self.encoders = {m: self._batcher(f"encode-{m}", lambda p, m=m: self._encode_batch(m, p), self.model_pool)
                          for m in MODALITIES}
@@ -90,10 +99,6 @@ class ServiceState:
             if self.catalog is None:
                 return
             self.status = "building the index"
-            if s.index_threads:
-                import faiss
-
-                faiss.omp_set_num_threads(s.index_threads)
             self.index = open_index_for_catalog(self.catalog, s.index_dir, self.bundle_id,
                                                 bundle.manifest.embedding_dim, IndexConfig(backend=s.index_backend))
             if s.demo_catalog and s.uses_embedded_bundle and self.catalog.count() == 0:
