@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import SERVICE_API_KEY
-from test_service_support import b64, image_bytes, mp4_bytes, random_features, wav_bytes
+from test_service_support import b64, image_bytes, mp4_bytes, png_claiming, random_features, wav_bytes
 
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends
@@ -145,6 +145,8 @@ BAD_REQUESTS = [
     ("corrupt wav", {"modality": "audio", "inputs": [{"audio_b64": b64(b"RIFF\x24\x00\x00\x00WAVEfmt garbage")}]},
      400, "bad_media"),
     ("corrupt png", {"modality": "video", "inputs": [{"frames_b64": [b64(b"\x89PNG\r\n\x1a\nbroken")]}]}, 400, "bad_media"),
+    ("decompression bomb png", {"modality": "video", "inputs": [{"frames_b64": [b64(png_claiming(30000, 30000))]}]},
+     400, "bad_media"),
     ("corrupt mp4", {"modality": "video", "inputs": [{"video_b64": b64(b"\x00\x00\x00\x18ftypmp42 broken")}]},
      400, "bad_media"),
     ("wrong feature shape", {"modality": "audio", "inputs": [{"features": [[0.0] * 64] * 10}]}, 400, "bad_features"),

@@ -152,6 +152,17 @@ def image_bytes(seed: int, fmt: str = "PNG", size: int = 32) -> bytes:
     return buf.getvalue()
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's header) over a 32 x 32 image's data."""
+    import struct
+    import zlib
+
+    data = bytearray(image_bytes(0))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR data starts after the signature, length and type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
 def mp4_bytes(seconds: int = 3, fps: int = 4, size: int = 32) -> bytes:
     import av
 

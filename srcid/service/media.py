@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from srcid.model.frontends import FrontEnd, MediaError, get_frontend, load_audio, load_frames, load_video
 from srcid.runtime import Bundle
@@ -100,6 +101,8 @@ def _decode(item: InputFields, modality: str, T: int, where: str) -> Any:
         frames = [b64(f, f"{where}.frames_b64[{i}]") for i, f in enumerate(item.frames_b64)]
         return load_frames(frames, T)
     except MediaError as exc:
+        raise BadInput(f"{where}: {exc}", code="bad_media") from None
+    except Image.DecompressionBombError as exc:  # Pillow's guard against images too large to decode
         raise BadInput(f"{where}: {exc}", code="bad_media") from None
 
 
