@@ -147,6 +147,11 @@ BAD_REQUESTS = [
     ("corrupt png", {"modality": "video", "inputs": [{"frames_b64": [b64(b"\x89PNG\r\n\x1a\nbroken")]}]}, 400, "bad_media"),
     ("decompression bomb png", {"modality": "video", "inputs": [{"frames_b64": [b64(png_claiming(30000, 30000))]}]},
      400, "bad_media"),
+    ("frame too large", {"modality": "video", "inputs": [{"frames_b64": [b64(png_claiming(5000, 5000))]}]},
+     400, "bad_media"),
+    ("audio at 1 Hz", {"modality": "audio", "inputs": [{"audio_b64": b64(wav_bytes(rate=1000, seconds=1.0)
+                                                                         .replace(b"\xe8\x03\x00\x00", b"\x01\x00\x00\x00", 1))}]},
+     400, "bad_media"),
     ("corrupt mp4", {"modality": "video", "inputs": [{"video_b64": b64(b"\x00\x00\x00\x18ftypmp42 broken")}]},
      400, "bad_media"),
     ("wrong feature shape", {"modality": "audio", "inputs": [{"features": [[0.0] * 64] * 10}]}, 400, "bad_features"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,36 @@ def _features(item: InputFields, bundle: Bundle, modality: str, where: str) -> t
         raise BadInput(f"{where}: {exc}", code="bad_features") from None
 
 
+# What a request may ask the decoders to do, checked from headers before decoding (memory and time stay bounded).
+MIN_RATE, MAX_RATE = 1000, 384_000
+MAX_AUDIO_S = 600.0
+MAX_FRAME_PIXELS = 4096 * 4096
+
+
+def _check_audio_header(data: bytes, where: str) -> None:
+    import soundfile as sf
+
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise BadInput(f"{where}: not a decodable WAV/FLAC/OGG file ({exc})", code="bad_media") from None
+    if not MIN_RATE <= info.samplerate <= MAX_RATE:
+        raise BadInput(f"{where}: sample rate {info.samplerate} Hz outside [{MIN_RATE}, {MAX_RATE}]", code="bad_media")
+    if info.frames > MAX_AUDIO_S * info.samplerate:
+        raise BadInput(f"{where}: {info.frames / info.samplerate:.0f} s of audio, at most {MAX_AUDIO_S:.0f} s",
+                       code="bad_media")
+
+
+def _check_image_header(data: bytes, where: str) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadInput(f"{where}: not a decodable PNG/JPEG image ({exc})", code="bad_media") from None
+    if width * height > MAX_FRAME_PIXELS:
+        raise BadInput(f"{where}: {width} x {height} pixels, at most {MAX_FRAME_PIXELS} per frame", code="bad_media")
+
+
 def _decode(item: InputFields, modality: str, T: int, where: str) -> Any:
     """Decoded media for the front-end: a waveform [samples], (frames [T, H, W, 3], mask [T]), or a string."""
     try:
@@ -93,16 +124,19 @@ def _decode(item: InputFields, modality: str, T: int, where: str) -> Any:
                 raise BadInput(f"{where}.text: empty (no words)", code="empty_input")
             return item.text
         if item.kind == "audio_b64":
-            return load_audio(b64(item.audio_b64, f"{where}.audio_b64"))
+            data = b64(item.audio_b64, f"{where}.audio_b64")
+            _check_audio_header(data, f"{where}.audio_b64")
+            return load_audio(data)
         if item.kind == "video_b64":
             return load_video(b64(item.video_b64, f"{where}.video_b64"), T)
         if not item.frames_b64:
             raise BadInput(f"{where}.frames_b64: no frames", code="empty_input")
-        frames = [b64(f, f"{where}.frames_b64[{i}]") for i, f in enumerate(item.frames_b64)]
+        # Frames past T are never used: they are not decoded.
+        frames = [b64(f, f"{where}.frames_b64[{i}]") for i, f in enumerate(item.frames_b64[:T])]
+        for i, frame in enumerate(frames):
+            _check_image_header(frame, f"{where}.frames_b64[{i}]")
         return load_frames(frames, T)
     except MediaError as exc:
-        raise BadInput(f"{where}: {exc}", code="bad_media") from None
-    except Image.DecompressionBombError as exc:  # Pillow's guard against images too large to decode
         raise BadInput(f"{where}: {exc}", code="bad_media") from None
 
 
