@@ -131,3 +131,22 @@ def test_attention_window_limits_what_a_step_sees():
     c = full.layer1.general["audio"](x, torch.ones(2, 10, dtype=torch.bool))
     d = full.layer1.general["audio"](changed, torch.ones(2, 10, dtype=torch.bool))
     assert not torch.allclose(c[:, :3], d[:, :3], atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [None, 1])
+def test_short_masked_input_is_finite_and_keeps_its_words(window):
+    """A text of 2 words in T = 10 steps: with a window, padded steps have no valid neighbour; nothing may turn NaN."""
+    torch.manual_seed(0)
+    model = SRCID(SRCIDConfig(**SMALL, attention_window=window)).eval()
+    x = torch.randn(3, 10, 12)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[:, :2] = True
+    z = model.layer1.general["text"](x, mask)
+    assert torch.isfinite(z).all()
+    out = model.encode("text", x, mask)
+    assert torch.isfinite(out["embedding"]).all()
+    other = x.clone()
+    other[1, :2] = torch.randn(2, 12) * 3
+    assert not torch.allclose(model.encode("text", other, mask)["embedding"][1], out["embedding"][1], atol=1e-4)
+    none = model.encode("text", x, torch.zeros(3, 10, dtype=torch.bool))  # no valid step at all
+    assert torch.isfinite(none["embedding"]).all()

@@ -34,8 +34,10 @@ class GeneralEncoder(nn.Module):
         self.position = nn.Parameter(torch.zeros(T, hidden))
         # window: each step attends only to steps at most this far away (None: the whole clip, as the authors).
         steps = torch.arange(T)
-        far = (steps[:, None] - steps[None, :]).abs() > window if window is not None else None
+        far = (steps[:, None] - steps[None, :]).abs() > window if window is not None else torch.zeros(T, T, dtype=torch.bool)
         self.register_buffer("far", far, persistent=False)
+        self.register_buffer("not_self", steps[:, None] != steps[None, :], persistent=False)
+        self.heads = heads
         layer = nn.TransformerEncoderLayer(hidden, heads, ff, dropout, batch_first=True, norm_first=True)
         # No nested-tensor fast path: it changes numerics with the padding pattern, breaking batch invariance.
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -45,8 +47,11 @@ class GeneralEncoder(nn.Module):
         """x [B, T, *shape], valid [B, T] bool -> z [B, T, H]."""
         T = x.shape[1]
         h = self.stem(x) + self.position[:T]
-        mask = None if self.far is None else self.far[:T, :T]
-        return self.norm(self.transformer(h, mask=mask, src_key_padding_mask=~valid))
+        # A query may not look at padded keys nor outside its window, but always at itself: a row with no allowed
+        # key gives NaN, and the next layer spreads it to every step (0 attention weight times a NaN value).
+        blocked = (self.far[:T, :T] | ~valid[:, None, :]) & self.not_self[:T, :T]
+        mask = blocked.repeat_interleave(self.heads, dim=0)
+        return self.norm(self.transformer(h, mask=mask))
 
 
 class SpecificEncoder(nn.Module):

@@ -62,9 +62,7 @@ class SRCIDLayer(nn.Module):
 
     def encode_modality(self, m: str, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [B, T, *shape], valid [B, T] -> z, s, q (straight-through) [B, T, H], codes [B, T, S]."""
-        # A clip with no valid step would give NaN attention; let it attend everywhere (its losses weigh 0).
-        attend = valid | ~valid.any(1, keepdim=True)
-        z = self.general[m](x, attend)
+        z = self.general[m](x, valid)
         s = self.specific[m](x)
         B, T, H = z.shape
         q, codes = self.quantizer(z.reshape(B * T, H))
