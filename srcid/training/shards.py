@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.manifest import sha256_file
+
 FORMAT = "srcid-shards"
 VERSION = 1
 
@@ -34,14 +36,6 @@ class ShardError(ValueError):
 
 def _mask_name(modality: str) -> str:
     return f"{modality}_mask"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
@@ -101,7 +95,7 @@ def write_shards(
         (sdir / "ids.txt").write_text("\n".join(ids) + "\n")
         counts[split] = n
         for f in sorted(sdir.iterdir()):
-            digests[f"{split}/{f.name}"] = _file_digest(f)
+            digests[f"{split}/{f.name}"] = sha256_file(f)
     fingerprint = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
     manifest = {
         "format": FORMAT,
