@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
+    """True inside a process group of more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -65,7 +66,7 @@ class EMACodebook(nn.Module):
         return self.embedding[idx]
 
     def _broadcast_from_rank0(self, x: Tensor) -> Tensor:
-        if _distributed():
+        if distributed():
             dist.broadcast(x, src=0)
         return x
 
@@ -83,7 +84,7 @@ class EMACodebook(nn.Module):
         sums = torch.zeros(self.size, self.dim, device=targets.device).index_add_(
             0, idx, targets * weights.unsqueeze(-1)
         )
-        if _distributed():
+        if distributed():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -160,20 +161,22 @@ class ResidualVectorQuantizer(nn.Module):
         self.books = nn.ModuleList(EMACodebook(size, dim, decay, eps, dead_after) for _ in range(stages))
         self.size = size
 
-    def _stages(self, z: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        residual, q, indices, residuals = z.float(), torch.zeros_like(z, dtype=torch.float32), [], []
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        residual, q, indices = z.float(), torch.zeros_like(z, dtype=torch.float32), []
         for book in self.books:
             idx = book.nearest(residual)
             step = book.lookup(idx)
-            residuals.append(residual)
+            q, residual = q + step, residual - step
             indices.append(idx)
-            q = q + step
-            residual = residual - step
-        return q, indices, residuals
-
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        q, indices, _ = self._stages(z)
         return z + (q.to(z.dtype) - z).detach(), torch.stack(indices, -1)
+
+    def residuals(self, z: Tensor, idx: Tensor) -> list[Tensor]:
+        """What each stage quantised, rebuilt from the chosen codes: z [N, D], idx [N, n] -> n × [N, D]."""
+        out, residual = [], z.float()
+        for s, book in enumerate(self.books):
+            out.append(residual)
+            residual = residual - book.lookup(idx[:, s])
+        return out
 
     def decode(self, idx: Tensor) -> Tensor:
         """indices [..., n] -> sum of the n stage vectors [..., D]."""
@@ -185,7 +188,7 @@ class ResidualVectorQuantizer(nn.Module):
     @torch.no_grad()
     def update(self, z: dict[str, Tensor], idx: dict[str, Tensor], valid: dict[str, Tensor]) -> None:
         names = list(z)
-        per_stage = {m: self._stages(z[m])[2] for m in names}
+        per_stage = {m: self.residuals(z[m], idx[m]) for m in names}
         for s, book in enumerate(self.books):
             residual = {m: per_stage[m][s] for m in names}
             targets = multimodal_targets(residual, valid)

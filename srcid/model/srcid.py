@@ -68,12 +68,15 @@ class SRCIDLayer(nn.Module):
         q, codes = self.quantizer(z.reshape(B * T, H))
         return z, s, q.view(B, T, H), codes.view(B, T, -1)
 
-    def forward(self, x: dict[str, Tensor], valid: dict[str, Tensor]) -> LayerOutput:
+    def forward(
+        self, x: dict[str, Tensor], valid: dict[str, Tensor], target: dict[str, Tensor] | None = None
+    ) -> LayerOutput:
+        """target: what the decoders rebuild, x itself unless given."""
         z, s, q, codes, recon = {}, {}, {}, {}, {}
         for m in self.general:
             z[m], s[m], q[m], codes[m] = self.encode_modality(m, x[m], valid[m])
             recon[m] = self.decoder[m](q[m], s[m])
-        return LayerOutput(z, s, q, codes, recon, target=x)
+        return LayerOutput(z, s, q, codes, recon, target=x if target is None else target)
 
     def losses(
         self, out: LayerOutput, valid: dict[str, Tensor], t: Tensor, perm: Tensor, with_cmcm: bool
@@ -172,9 +175,8 @@ class SRCID(nn.Module):
         out1 = self.layer1({m: batch[m] for m in self.modalities}, valid)
         layers = [out1]
         if self.layer2 is not None:
-            layers.append(self.layer2(out1.s, valid))
             # Layer 2 rebuilds s¹ but must not pull s¹ towards whatever is easy to rebuild.
-            layers[1].target = {m: s.detach() for m, s in out1.s.items()}
+            layers.append(self.layer2(out1.s, valid, target={m: s.detach() for m, s in out1.s.items()}))
         return SRCIDOutput(layers, valid)
 
     def losses(self, out: SRCIDOutput, t: Tensor, perm: Tensor, layer2_weight: Tensor) -> dict[str, Tensor]:

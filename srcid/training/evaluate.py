@@ -27,7 +27,7 @@ from srcid.model.quantizers import code_usage
 from srcid.training.checkpoint import load_model
 from srcid.training.data import make_loader, mask_key, open_dataset
 from srcid.training.toc import dimension_importance, select_dimensions, toc_size
-from srcid.training.train import _device as select_device
+from srcid.training.train import select_device
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ..model import SRCID
+from ..model.quantizers import distributed
 
 
 class OptimConfig(BaseModel):
@@ -63,7 +64,7 @@ class WarmStart(nn.Module):
 
 
 def _all_reduce_mean(params: list[nn.Parameter]) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         world = dist.get_world_size()
         for p in params:
             if p.grad is not None:

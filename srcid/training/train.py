@@ -56,7 +56,8 @@ def _distributed_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _device(name: str, local_rank: int) -> torch.device:
+def select_device(name: str, local_rank: int) -> torch.device:
+    """auto: this rank's GPU when torch sees one, else the CPU; a CUDA device asked for without CUDA is an error."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -134,7 +135,7 @@ def train(cfg: TrainConfig, dataset: Any, out_dir: str | Path, resume: str | Pat
     """
     rank, world, local_rank = _distributed_env()
     distributed = world > 1
-    device = _device(cfg.device, local_rank)
+    device = select_device(cfg.device, local_rank)
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
