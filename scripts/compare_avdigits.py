@@ -44,7 +44,7 @@ def worker(method: str, seed: int, data: str, config: str, out: Path) -> None:
     import torch
 
     from srcid.training.data import open_dataset
-    from srcid.training.evaluate import encode_split, evaluate_encoded, protocol, codebook_figures, _num_classes
+    from srcid.training.evaluate import encode_split, evaluate_encoded, protocol, codebook_figures, num_classes_of
     from srcid.training.checkpoint import load_model
     from srcid.training.train import TrainConfig, train
     from srcid.training.train_cli import apply_override, load_config_file
@@ -60,7 +60,7 @@ def worker(method: str, seed: int, data: str, config: str, out: Path) -> None:
     model, _ = load_model(out / "last.safetensors")
     splits = {s: open_dataset(data, s) for s in ("train", "test")}
     enc = {s: encode_split(model, ds, 256, desc=f"encode {s}") for s, ds in splits.items()}
-    classes = _num_classes(splits["train"], enc["train"], enc["test"])
+    classes = num_classes_of(splits["train"], enc["train"], enc["test"])
     dims = model.cfg.hidden * model.cfg.layers
     report = evaluate_encoded(model, enc["train"], enc["test"], classes, seed, toc_dims=dims // 2)
     report["train_seconds"] = round(train_s, 1)

@@ -408,7 +408,7 @@ def evaluate_encoded(
     return report
 
 
-def _num_classes(dataset: Any, *splits: EncodedSplit) -> int:
+def num_classes_of(dataset: Any, *splits: EncodedSplit) -> int:
     seen = max(int(s.labels.max()) for s in splits) + 1
     declared = getattr(dataset, "num_classes", None)
     if declared is not None and seen > declared:
@@ -451,7 +451,7 @@ def evaluate(
         split: encode_split(model, ds, batch_size, desc=f"encode {split}") for split, ds in datasets.items()
     }
     train, test = encoded[train_split], encoded[test_split]
-    num_classes = _num_classes(datasets[train_split], train, test)
+    num_classes = num_classes_of(datasets[train_split], train, test)
     trained_on = metadata.get("data_fingerprint") or None
     probed_on = getattr(datasets[train_split], "fingerprint", None)
     if trained_on and probed_on and trained_on != probed_on:
