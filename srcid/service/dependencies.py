@@ -10,11 +10,11 @@ from .errors import ServiceError
 from .state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """Writes need `Authorization: Bearer KEY` when SRCID_API_KEY is set (401 when missing or wrong)."""
     key = request.app.state.service.settings.api_key
     if key is None:

@@ -7,9 +7,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..dependencies import get_state
+from ..routing import FastJSONRoute
 from ..state import ServiceState
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=FastJSONRoute)
 
 
 @router.get("/healthz")

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Depends, Query
 from ..dependencies import get_state, require_api_key
 from ..errors import BadInput
 from ..models import ERROR_RESPONSES, AddItemsRequest, AddItemsResponse, DeleteResponse, ItemResponse
+from ..routing import FastJSONRoute
 from ..state import ServiceState
 
-router = APIRouter(tags=["items"])
+router = APIRouter(tags=["items"], route_class=FastJSONRoute)
 
 
 @router.post("/items", status_code=201, response_model=AddItemsResponse, responses=ERROR_RESPONSES,

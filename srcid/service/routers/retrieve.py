@@ -6,9 +6,10 @@ from fastapi import APIRouter, Depends
 
 from ..dependencies import get_state
 from ..models import ERROR_RESPONSES, RetrieveRequest, RetrieveResponse, RetrieveResult
+from ..routing import FastJSONRoute
 from ..state import ServiceState
 
-router = APIRouter(tags=["retrieve"])
+router = APIRouter(tags=["retrieve"], route_class=FastJSONRoute)
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERROR_RESPONSES)
