@@ -128,3 +128,35 @@ def test_srcid_serve_with_no_arguments_serves_the_embedded_demo(tmp_path):
         assert np.mean(precision) >= 0.2, precision
     finally:
         server.terminate()
+
+
+def test_index_kind_ivf_serves_an_approximate_index_tuned_to_its_recall(service_bundle, tmp_path):
+    from srcid.index.catalog import open_catalog
+    from srcid.index.items import Item
+    from srcid.runtime import load_bundle
+    from srcid.service.media import bundle_id
+
+    bundle = load_bundle(service_bundle, backend="onnx-cpu")
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    catalog = open_catalog(url, bundle.manifest.embedding_dim, bundle_id(bundle))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, bundle.manifest.embedding_dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    catalog.add([Item(id=f"a{i}", modality="audio", embedding=v, metadata={}) for i, v in enumerate(x)])
+    catalog.close()
+
+    server = ThreadServer(bundle=service_bundle, data_dir=tmp_path, catalog_url=url, index_kind="ivf",
+                          ivf_min_items=1000, demo_catalog=False).start()
+    try:
+        index = httpx.get(server.url + "/readyz").json()["index"]
+        assert index["kind"] == "ivf" and set(index["ivf"]) == {"audio"}, index  # video/text: too few items
+        assert index["ivf"]["audio"]["recall_at_10"] >= 0.95 and index["ivf"]["audio"]["nprobe"] < index["ivf"]["audio"]["nlist"]
+        found = 0
+        for q in range(20):
+            r = httpx.post(server.url + "/retrieve", json={"query": {"item_id": f"a{q}"}, "target": "audio", "top_k": 10})
+            assert r.status_code == 200, r.text
+            exact = {f"a{i}" for i in np.argsort(-(x @ x[q]))[1:11]}
+            found += len(exact & {hit["id"] for hit in r.json()["results"]})
+        assert found / 200 >= 0.85, found
+    finally:
+        server.stop()

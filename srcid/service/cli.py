@@ -20,6 +20,8 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--runtime-threads", "runtime_threads", int, "onnxruntime intra-op threads (SRCID_RUNTIME_THREADS, 1; 0: all cores)"),
     ("--index-threads", "index_threads", int, "faiss OpenMP threads (SRCID_INDEX_THREADS, 1; 0: all cores)"),
     ("--index-backend", "index_backend", str, "faiss-cpu, faiss-gpu, torch, auto"),
+    ("--index-kind", "index_kind", str, "flat (exact, default) or ivf (approximate; SRCID_INDEX_KIND)"),
+    ("--ivf-min-items", "ivf_min_items", int, "index-kind ivf: items per modality before IVF (SRCID_IVF_MIN_ITEMS, 50000)"),
     ("--max-batch", "max_batch", int, "rows per runtime call (SRCID_MAX_BATCH, 64; 1 turns batching off)"),
     ("--batch-wait-ms", "batch_wait_ms", float, "how long a batch waits for more requests (SRCID_BATCH_WAIT_MS, 5)"),
     ("--queue-size", "queue_size", int, "waiting requests per modality before 429 (SRCID_QUEUE_SIZE, 1024)"),

@@ -6,9 +6,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from srcid.index.config import IndexConfig
 
 EMBEDDED_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "bundle"
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
@@ -37,6 +40,10 @@ class Settings(BaseSettings):
     runtime_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: its default, all cores)")
     index_threads: int = Field(1, ge=0, description="faiss OpenMP threads for CPU search (0: its default, all cores)")
     index_backend: str = Field("auto", description="faiss-cpu, faiss-gpu, torch or auto")
+    index_kind: Literal["flat", "ivf"] = Field(
+        "flat", description="flat: exact search; ivf: approximate, for modalities of ivf_min_items or more")
+    ivf_min_items: int = Field(50_000, ge=1, description="with index_kind=ivf: items a modality needs before IVF")
+    ivf_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10 vs exact")
     decode_threads: int = Field(4, ge=1, description="threads that decode media and run front-ends")
     demo_catalog: bool = Field(True, description="load the shipped demo items into an empty catalog (embedded bundle only)")
     log_level: str = "info"
@@ -50,6 +57,10 @@ class Settings(BaseSettings):
         if not self.api_key:
             self.api_key = None
         return self
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(kind=self.index_kind, backend=self.index_backend, ivf_min_items=self.ivf_min_items,
+                           ivf_target_recall=self.ivf_target_recall)
 
     @property
     def uses_embedded_bundle(self) -> bool:

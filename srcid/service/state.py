@@ -18,7 +18,6 @@ import numpy as np
 
 from srcid.index.catalog import Catalog, open_catalog
 from srcid.index.catalog_index import CatalogIndex, open_index_for_catalog
-from srcid.index.config import IndexConfig
 from srcid.index.errors import CatalogUnavailableError
 from srcid.index.items import MODALITIES, Item, make_item
 from srcid.model.frontends import FrontEnd
@@ -101,7 +100,7 @@ class ServiceState:
                 return
             self.status = "building the index"
             self.index = open_index_for_catalog(self.catalog, s.index_dir, self.bundle_id,
-                                                bundle.manifest.embedding_dim, IndexConfig(backend=s.index_backend))
+                                                bundle.manifest.embedding_dim, s.index_config())
             if s.demo_catalog and s.uses_embedded_bundle and self.catalog.count() == 0:
                 self.status = "adding the demo catalog"
                 from .demo import load_demo

@@ -40,7 +40,8 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         "bundle": {"id": state.bundle_id, "path": str(bundle.root), "modalities": bundle.modalities,
                    "T": bundle.manifest.T, "embedding_dim": bundle.manifest.embedding_dim,
                    "runtime_backend": bundle.backend},
-        "index": {"backend": index.backend_name, "counts": describe["counts"], "position": describe["position"],
+        "index": {"backend": index.backend_name, "kind": describe["kind"], "ivf": describe["ivf"],
+                  "counts": describe["counts"], "position": describe["position"],
                   "catalog_version": describe["catalog_version"], "catalog": state.catalog.url},
         "cache": cache,
     })
