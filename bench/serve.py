@@ -3,13 +3,15 @@ on (SRCID_MAX_BATCH=64) and off (SRCID_MAX_BATCH=1), in one run.
 
     python bench/serve.py                                  # the embedded bundle, 100k catalog items
     python bench/serve.py --bundle BUNDLE --items 100000 --requests 640
+    python bench/serve.py --paper-dims --modality text  # an untrained bundle at the paper's dims, text features
+    python bench/serve.py --index-kind ivf              # approximate search (SRCID_INDEX_KIND=ivf)
 
 This process is the load generator; each configuration runs `srcid serve` as a separate process on loopback
 (one at a time, so they do not share the CPU). The catalog gets `--items` random unit vectors per modality
 through the catalog API (not HTTP) before the servers start; every server indexes the same catalog. Load is
 bounded: `--requests` requests per (endpoint, concurrency), spread over that many concurrent workers.
-Requests carry precomputed features (audio [T, D]), so the figures are of the service and runtime, not of media
-decoding. Ratios printed at the end compare the two configurations measured in this run.
+Requests carry precomputed features of `--modality` ([T, D...]), so the figures are of the service and runtime, not
+of media decoding; /retrieve searches another modality's items. Ratios printed at the end compare the two configurations measured in this run.
 """
 
 from __future__ import annotations
@@ -69,8 +71,12 @@ def start_server(bundle: Path, data: Path, catalog_url: str, port: int, extra: d
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+            r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            if r.status_code == 200:
                 return proc
+            if r.json().get("status") == "failed":
+                proc.terminate()
+                raise RuntimeError(f"server failed to load: {r.json()['error']['message']}")
         except httpx.TransportError:
             pass
         if proc.poll() is not None:
@@ -137,21 +143,26 @@ async def load(port: int, path: str, bodies: list[dict], concurrency: int) -> di
             "failures": failures}
 
 
-def bodies_for(endpoint: str, n: int, T: int, dim: int, seed: int) -> list[dict]:
+def bodies_for(endpoint: str, n: int, modality: str, T: int, shape: list[int], seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
+    target = "video" if modality != "video" else "audio"
     out = []
     for _ in range(n):
-        features = np.round(rng.standard_normal((T, dim)), 4).tolist()
+        features = np.round(rng.standard_normal((T, *shape)), 4).tolist()
         if endpoint == "/encode":
-            out.append({"modality": "audio", "inputs": [{"features": features}]})
+            out.append({"modality": modality, "inputs": [{"features": features}]})
         else:
-            out.append({"query": {"modality": "audio", "features": features}, "target": "video", "top_k": 10})
+            out.append({"query": {"modality": modality, "features": features}, "target": target, "top_k": 10})
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=EMBEDDED_BUNDLE)
+    parser.add_argument("--paper-dims", action="store_true",
+                        help="instead of --bundle: export an untrained bundle at the paper's dims (hidden 256, ...)")
+    parser.add_argument("--modality", default="audio", help="modality of the request features (default audio)")
+    parser.add_argument("--index-kind", default="flat", choices=["flat", "ivf"], help="SRCID_INDEX_KIND of the servers")
     parser.add_argument("--items", type=int, default=100_000, help="catalog items per modality")
     parser.add_argument("--requests", type=int, default=640, help="requests per endpoint and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
@@ -159,20 +170,24 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
 
-    manifest = load_bundle(args.bundle, backend="onnx-cpu").manifest
-    T, dim = manifest.T, manifest.modalities["audio"].shape[0]
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="srcid-bench-") as tmp:
         tmp = Path(tmp)
+        if args.paper_dims:
+            from encode import build_bundle
+
+            _, args.bundle = build_bundle(tmp)
+        manifest = load_bundle(args.bundle, backend="onnx-cpu").manifest
+        T, shape = manifest.T, list(manifest.modalities[args.modality].shape)
         catalog_url = f"sqlite:///{tmp / 'catalog.db'}"
         fill_catalog(catalog_url, args.bundle, args.items)
         for name, extra in CONFIGS.items():
-            proc = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port, extra,
-                                tmp / f"{name}.log")
+            proc = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port,
+                                {**extra, "INDEX_KIND": args.index_kind}, tmp / f"{name}.log")
             try:
                 for endpoint in ("/encode", "/retrieve"):
                     for c in args.concurrency:
-                        bodies = bodies_for(endpoint, args.requests, T, dim, seed=c)
+                        bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c)
                         figures = asyncio.run(load(args.port, endpoint, bodies, c))
                         results[f"{name} {endpoint} c={c}"] = figures
                         print(f"{name:13s} {endpoint:9s} c={c:<3d} {figures['qps']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms"
@@ -186,7 +201,8 @@ def main() -> int:
             on, off = results[f"batching on {endpoint} c={c}"], results[f"batching off {endpoint} c={c}"]
             print(f"{endpoint:9s} c={c:<3d} batching on / off throughput: {on['qps'] / off['qps']:.2f}x")
     info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "items_per_modality": args.items,
-            "requests": args.requests, "bundle": str(args.bundle), "results": results}
+            "requests": args.requests, "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
+            "modality": args.modality, "index_kind": args.index_kind, "results": results}
     if args.out:
         args.out.write_text(json.dumps(info, indent=1))
     return 0

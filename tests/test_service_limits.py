@@ -160,3 +160,26 @@ def test_index_kind_ivf_serves_an_approximate_index_tuned_to_its_recall(service_
         assert found / 200 >= 0.85, found
     finally:
         server.stop()
+
+
+def test_a_front_end_without_its_weights_leaves_that_modality_features_only(service_bundle, tmp_path):
+    import shutil
+
+    from test_service_support import b64, wav_bytes
+
+    bundle = shutil.copytree(service_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["modalities"]["audio"]["frontend"] = {"name": "vggish", "files": []}  # VGGish needs a weights file
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    server = ThreadServer(bundle=bundle, data_dir=tmp_path / "data").start()
+    try:
+        ready = httpx.get(server.url + "/readyz").json()
+        assert ready["bundle"]["frontends"]["audio"].startswith("features only: VGGish")
+        assert ready["bundle"]["frontends"]["text"] == manifest["modalities"]["text"]["frontend"]["name"]
+        features = {"modality": "audio", "inputs": [{"features": random_features("audio", 0).tolist()}]}
+        assert httpx.post(server.url + "/encode", json=features).status_code == 200
+        r = httpx.post(server.url + "/encode", json={"modality": "audio", "inputs": [{"audio_b64": b64(wav_bytes())}]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "frontend_unavailable", r.text
+        assert "precomputed features only" in r.json()["error"]["message"]
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from srcid.model.frontends import FrontEnd, MediaError, get_frontend, load_audio, load_frames, load_video
+from srcid.model.frontends import FrontEnd, MediaError, MissingWeightsError, get_frontend, load_audio, load_frames, load_video
 from srcid.runtime import Bundle
 
 from .errors import BadInput
@@ -28,8 +28,12 @@ from .models import InputFields
 MEDIA_MODALITY = {"text": "text", "audio_b64": "audio", "video_b64": "video", "frames_b64": "video"}
 
 
-def build_frontends(bundle: Bundle) -> dict[str, FrontEnd]:
-    """One front-end per modality of the bundle, from its manifest (name, files inside the bundle)."""
+def build_frontends(bundle: Bundle, missing: dict[str, str] | None = None) -> dict[str, FrontEnd]:
+    """One front-end per modality of the bundle, from its manifest (name, files inside the bundle).
+
+    With `missing` given, a front-end whose weights are not in the bundle is left out and `missing[modality]` says
+    why: that modality still encodes precomputed features (a deployment whose clients send features needs no
+    VGG19 weights). Without it, missing weights raise."""
     out: dict[str, FrontEnd] = {}
     for modality, entry in bundle.manifest.modalities.items():
         files = [bundle.root / f for f in entry.frontend.files]
@@ -39,7 +43,13 @@ def build_frontends(bundle: Bundle) -> dict[str, FrontEnd]:
         elif files:
             weights = [f for f in files if f.suffix == ".safetensors"]
             options["weights"] = (weights or files)[0]
-        frontend = get_frontend(entry.frontend.name, **options)
+        try:
+            frontend = get_frontend(entry.frontend.name, **options)
+        except MissingWeightsError as exc:
+            if missing is None:
+                raise
+            missing[modality] = str(exc)
+            continue
         if tuple(frontend.output_shape) != tuple(entry.shape):
             raise ValueError(f"{bundle.root}: front-end {entry.frontend.name} gives {modality} steps of shape "
                              f"{list(frontend.output_shape)}, the bundle expects {list(entry.shape)}")

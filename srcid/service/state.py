@@ -52,6 +52,7 @@ class ServiceState:
         self.bundle: Bundle | None = None
         self.bundle_id = ""
         self.frontends: dict[str, FrontEnd] = {}
+        self.features_only: dict[str, str] = {}  # modality -> why its front-end could not be built
         self.catalog: Catalog | None = None
         self.index: CatalogIndex | None = None
         self.ready = False
@@ -93,7 +94,9 @@ class ServiceState:
             bundle = load_bundle(s.bundle, s.runtime_backend, s.runtime_threads)
             self.bundle_id = bundle_id(bundle)
             self.status = "building front-ends"
-            self.frontends = build_frontends(bundle)
+            self.frontends = build_frontends(bundle, self.features_only)
+            for modality, reason in self.features_only.items():
+                log.warning("%s takes precomputed features only: %s", modality, reason)
             self.bundle = bundle
             self.catalog = self._open_catalog(bundle)
             if self.catalog is None:
@@ -195,6 +198,9 @@ class ServiceState:
     async def encode(self, modality: str, inputs: Sequence[InputFields], where: str = "inputs") -> list[Encoded]:
         """INPUTs of one modality -> per input {"layer1" [T], "layer2" [T], "embedding" [E]} (cache, then batcher)."""
         bundle = self.require_ready()
+        if modality in self.features_only and any(item.kind != "features" for item in inputs):
+            raise BadInput(f"{where}: this service encodes {modality} from precomputed features only; its front-end "
+                           f"is unavailable ({self.features_only[modality]})", code="frontend_unavailable")
         keys = [cache_key(self.bundle_id, modality, item) for item in inputs] if self.cache else []
         found: list[Encoded | None] = await self.cache.get_many(keys) if self.cache else [None] * len(inputs)
         todo = [i for i, hit in enumerate(found) if hit is None]

@@ -39,7 +39,9 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
         "status": "ready",
         "bundle": {"id": state.bundle_id, "path": str(bundle.root), "modalities": bundle.modalities,
                    "T": bundle.manifest.T, "embedding_dim": bundle.manifest.embedding_dim,
-                   "runtime_backend": bundle.backend},
+                   "runtime_backend": bundle.backend,
+                   "frontends": {m: "features only: " + state.features_only[m] if m in state.features_only else
+                                 e.frontend.name for m, e in bundle.manifest.modalities.items()}},
         "index": {"backend": index.backend_name, "kind": describe["kind"], "ivf": describe["ivf"],
                   "counts": describe["counts"], "position": describe["position"],
                   "catalog_version": describe["catalog_version"], "catalog": state.catalog.url},
