@@ -246,6 +246,13 @@ def test_vgg19_pool5_shape_layout_and_determinism(tmp_path):
     np.testing.assert_allclose(a.values[0, 0], direct, atol=1e-4 * float(np.abs(direct).max()))
 
 
+def test_bert_without_its_model_folder_says_so(tmp_path):
+    with pytest.raises(MissingWeightsError, match="no model folder given"):
+        get_frontend("bert")
+    with pytest.raises(MissingWeightsError, match="config.json"):
+        get_frontend("bert", model_dir=tmp_path)
+
+
 @pytest.mark.parametrize("name", ["vggish", "vgg19-pool5"])
 def test_missing_or_mismatched_weights_name_the_file(tmp_path, name):
     with pytest.raises(MissingWeightsError, match="no weights file given"):

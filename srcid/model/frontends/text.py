@@ -47,7 +47,7 @@ class TransformerWords:
 
     def __init__(
         self,
-        model_dir: str | Path | None,
+        model_dir: str | Path | None = None,
         name: str = "bert",
         T: int = DEFAULT_T,
         context: str = "sentence",
