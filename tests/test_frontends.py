@@ -155,6 +155,9 @@ def test_load_video_picks_the_frame_nearest_each_seconds_centre(tmp_path, suffix
         assert abs(float(frames[t].mean()) - 10 * ((4 * t + 2) % 25)) < 6
     with pytest.raises(MediaError, match="not a decodable"):
         load_video(b"\x00" * 1000)
+    assert load_video(path, T=5, max_pixels=64 * 48)[0].shape == (5, 48, 64, 3)
+    with pytest.raises(MediaError, match="64 x 48 pixels, at most 3071"):
+        load_video(path, T=5, max_pixels=64 * 48 - 1)
 
 
 def test_load_frames_from_png_and_jpeg_pads_and_truncates(tmp_path):

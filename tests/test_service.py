@@ -175,6 +175,12 @@ def test_bad_encode_requests_get_json_errors(sqlite_service, name, body, status,
     assert_error(post(sqlite_service, "/encode", body), status, code)
 
 
+def test_oversized_video_frames_get_400_before_decoding(sqlite_service, monkeypatch):
+    monkeypatch.setattr("srcid.service.media.MAX_FRAME_PIXELS", 32 * 32 - 1)  # mp4_bytes() makes 32 x 32 frames
+    r = post(sqlite_service, "/encode", {"modality": "video", "inputs": [{"video_b64": b64(mp4_bytes())}]})
+    assert "32 x 32 pixels" in assert_error(r, 400, "bad_media")["message"]
+
+
 def test_nan_features_get_400(sqlite_service):
     r = httpx.post(sqlite_service.url + "/encode", content=_nan_features(), headers={"content-type": "application/json"})
     assert "NaN" in assert_error(r, 400, "bad_features")["message"]

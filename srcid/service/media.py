@@ -138,7 +138,7 @@ def _decode(item: InputFields, modality: str, T: int, where: str) -> Any:
             _check_audio_header(data, f"{where}.audio_b64")
             return load_audio(data)
         if item.kind == "video_b64":
-            return load_video(b64(item.video_b64, f"{where}.video_b64"), T)
+            return load_video(b64(item.video_b64, f"{where}.video_b64"), T, max_pixels=MAX_FRAME_PIXELS)
         if not item.frames_b64:
             raise BadInput(f"{where}.frames_b64: no frames", code="empty_input")
         # Frames past T are never used: they are not decoded.

@@ -52,9 +52,19 @@ def load_frames(sources: Sequence[str | Path | bytes], T: int = DEFAULT_T) -> tu
     return frames_to_steps([load_image(s) for s in sources], T)
 
 
-def load_video(source: str | Path | bytes, T: int = DEFAULT_T) -> tuple[np.ndarray, np.ndarray]:
+def _check_pixels(source: str | Path | bytes, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise MediaError(f"{_label(source)}: {width} x {height} pixels, at most {max_pixels} per frame")
+
+
+def load_video(
+    source: str | Path | bytes, T: int = DEFAULT_T, max_pixels: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """An MP4/WebM file (path or bytes) -> uint8 RGB [T, H, W, 3], the frame nearest each second's centre
-    (t + 0.5 s), and mask [T] (False for seconds past the end of the video, which are black)."""
+    (t + 0.5 s), and mask [T] (False for seconds past the end of the video, which are black).
+
+    max_pixels: refuse frames larger than this, from the stream header before any frame is decoded (and again
+    per frame, since a stream may change size), so an untrusted file cannot make the decoder allocate at will."""
     import av
 
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
@@ -66,7 +76,9 @@ def load_video(source: str | Path | bytes, T: int = DEFAULT_T) -> tuple[np.ndarr
             if not container.streams.video:
                 raise MediaError(f"{_label(source)}: holds no video stream")
             stream = container.streams.video[0]
+            _check_pixels(source, stream.codec_context.width, stream.codec_context.height, max_pixels)
             for frame in container.decode(stream):
+                _check_pixels(source, frame.width, frame.height, max_pixels)
                 if frame.time is None:
                     continue
                 t = float(frame.time)
@@ -84,6 +96,8 @@ def load_video(source: str | Path | bytes, T: int = DEFAULT_T) -> tuple[np.ndarr
     if not found:
         raise MediaError(f"{_label(source)}: no decodable frames in the first {T} s")
     shape = found[0].shape
+    if any(f.shape != shape for f in found):
+        raise MediaError(f"{_label(source)}: the frame size changes within the video")
     out = np.zeros((T, *shape), dtype=np.uint8)
     mask = np.zeros(T, dtype=bool)
     for step, b in enumerate(best):
