@@ -1,7 +1,7 @@
 """Encode speed, features -> codes + embedding, at the paper's dims (audio 128, video 7x7x512, text 768; T = 10).
 
     python bench/encode.py                     # CPU: onnxruntime vs torch eager at batch 1, 32, 256, ratio beside
-    python bench/encode.py --threads 1         # both runtimes on one thread
+    python bench/encode.py --threads 1         # both runtimes on one thread (+ GFLOP/s against a measured GEMM rate)
     python bench/encode.py --gpu               # CUDA: torch eager vs torch.compile vs CUDA graphs, batch 1024/8192
     python bench/encode.py --gpu --device cpu --batches 4 --modalities audio   # smoke-run the --gpu code on a CPU
 
@@ -66,6 +66,43 @@ def build_bundle(workdir: Path) -> tuple[SRCID, Path]:
     return model.eval(), workdir / "bundle"
 
 
+def onnx_matmul_flops(path: Path, feeds: dict[str, np.ndarray]) -> float:
+    """FLOPs of the MatMul/Gemm nodes of an encoder graph on `feeds` (2·M·N·K each, with the shapes the graph
+    really has: every product's inputs are exposed as outputs and the graph is run once). These are nearly all of
+    its arithmetic, and what onnxruntime really runs: the exporter drops what the outputs do not need (layer 2's
+    Ψ, which eager `encode` still computes)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    constants = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    products = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    wanted = sorted({name for n in products for name in n.input[:2] if name not in constants})
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in wanted if name not in known)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    shapes = dict(constants)
+    shapes.update({name: value.shape for name, value in zip(wanted, session.run(wanted, feeds))})
+    flops = 0.0
+    for node in products:
+        a, b = shapes[node.input[0]], shapes[node.input[1]]
+        flags = {x.name: x.i for x in node.attribute}
+        m, k = (a[-1], a[-2]) if flags.get("transA") else (a[-2], a[-1])
+        n = b[-2] if flags.get("transB") else b[-1]
+        flops += 2.0 * float(np.prod(a[:-2], dtype=np.float64)) * m * n * k
+    return flops
+
+
+def gemm_peak(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
+    """GFLOP/s of a large fp32 matrix product on this machine with `threads` threads: what arithmetic-bound
+    inference can at best reach here."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    rate = clips_per_second(lambda: torch.mm(a, b), 1, seconds, lambda: None)
+    return rate * 2 * n**3 / 1e9
+
+
 def cpu_bench(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     rows = []
@@ -89,15 +126,27 @@ def cpu_bench(args: argparse.Namespace) -> list[dict]:
                     ort = max(ort, clips_per_second(lambda: bundle.encode(modality, x, mask), batch, args.seconds,
                                                     lambda: None))
                     eager = max(eager, clips_per_second(torch_eager, batch, args.seconds, lambda: None))
+                feeds = {"features": x} if mask is None else {"features": x, "mask": mask}
+                ort_flops = onnx_matmul_flops(bundle_dir / f"{modality}.onnx", feeds) / batch
                 row = {"modality": modality, "batch": batch, "onnxruntime_cpu": ort, "torch_eager_cpu": eager,
-                       "ratio": ort / eager, "load_average": os.getloadavg()[0]}
+                       "ratio": ort / eager, "onnxruntime_gflops": ort * ort_flops / 1e9,
+                       "torch_eager_gflops": eager * ort_flops / 1e9, "mflop_per_clip": ort_flops / 1e6,
+                       "load_average": os.getloadavg()[0]}
                 log.info(json.dumps(row))
                 rows.append(row)
-    print(f"\nfeatures -> codes, paper dims, T = 10, threads = {args.threads}, best of {args.rounds} (clips/s)")
-    print(f"{'modality':<8} {'batch':>6} {'onnxruntime':>12} {'torch eager':>12} {'ratio':>7}")
+    peak = gemm_peak(args.threads)
+    # Eager computes a little more than the graph (layer 2's Ψ, unused by the outputs), so its GFLOP/s here,
+    # counted on the graph's products, is a lower bound.
+    print(f"\nfeatures -> codes, paper dims, T = 10, threads = {args.threads}, best of {args.rounds} (clips/s); "
+          f"GFLOP/s on the graph's matrix products, against a 1024^3 fp32 GEMM at {peak:.1f} GFLOP/s on the same threads")
+    print(f"{'modality':<8} {'batch':>6} {'onnxruntime':>12} {'torch eager':>12} {'ratio':>7} {'MFLOP/clip':>11} "
+          f"{'GFLOP/s ort':>12} {'eager':>7} {'% of GEMM ort':>14} {'eager':>6}")
     for r in rows:
+        r["gemm_gflops"] = peak
         print(f"{r['modality']:<8} {r['batch']:>6} {r['onnxruntime_cpu']:>12.1f} {r['torch_eager_cpu']:>12.1f} "
-              f"{r['ratio']:>6.2f}x")
+              f"{r['ratio']:>6.2f}x {r['mflop_per_clip']:>11.1f} {r['onnxruntime_gflops']:>12.1f} "
+              f"{r['torch_eager_gflops']:>7.1f} {100 * r['onnxruntime_gflops'] / peak:>13.0f}% "
+              f"{100 * r['torch_eager_gflops'] / peak:>5.0f}%")
     return rows
 
 
