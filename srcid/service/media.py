@@ -18,7 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from srcid.model.frontends import FrontEnd, MediaError, MissingWeightsError, get_frontend, load_audio, load_frames, load_video
+from srcid.model.frontends import (
+    FrontEnd, MediaError, MissingWeightsError, get_frontend, load_audio, load_frames, load_video,
+)
 from srcid.runtime import Bundle
 
 from .errors import BadInput
