@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -39,9 +38,7 @@ def test_invalid_bundle_is_not_ready(tmp_path):
     (tmp_path / "bundle").mkdir()
     server = ThreadServer(bundle=tmp_path / "bundle", data_dir=tmp_path / "data").start(ready=False)
     try:
-        deadline = time.monotonic() + 30
-        while server.state.status != "failed" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        server.wait_for_status(lambda status: status == "failed", 30)
         _all_503(server.url)
         assert "manifest.json" in httpx.get(server.url + "/readyz").json()["error"]["message"]
     finally:
@@ -52,9 +49,7 @@ def test_still_waiting_for_its_catalog_is_not_ready(service_bundle, tmp_path):
     nobody = f"redis://127.0.0.1:{free_port()}/0"
     server = ThreadServer(bundle=service_bundle, data_dir=tmp_path, catalog_url=nobody).start(ready=False)
     try:
-        deadline = time.monotonic() + 60
-        while "waiting for catalog" not in server.state.status and time.monotonic() < deadline:
-            time.sleep(0.05)
+        server.wait_for_status(lambda status: "waiting for catalog" in status, 60)
         _all_503(server.url)
         assert "waiting for catalog" in httpx.get(server.url + "/readyz").json()["error"]["message"]
     finally:

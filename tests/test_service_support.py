@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import numpy as np
@@ -90,6 +91,13 @@ class ThreadServer:
             r = wait_until(self.url, "/readyz", timeout)
             assert r.json()["status"] == "ready"
         return self
+
+    def wait_for_status(self, done: Callable[[str], bool], timeout: float) -> str:
+        """Poll the loader's status (not HTTP) until `done(status)` or the timeout; returns the last status."""
+        deadline = time.monotonic() + timeout
+        while not done(self.state.status) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.state.status
 
     def stop(self) -> None:
         self.server.should_exit = True
