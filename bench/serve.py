@@ -8,11 +8,12 @@ on (SRCID_MAX_BATCH=64) and off (SRCID_MAX_BATCH=1), in one run.
 
 This process is the load generator; each configuration runs `srcid serve` as a separate process on loopback,
 both started before the first measurement; measurements alternate between them (--rounds, best kept), so one
-server works at a time and both see the same machine conditions. The catalog gets `--items` random unit vectors per modality
-through the catalog API (not HTTP) before the servers start; every server indexes the same catalog. Load is
-bounded: `--requests` requests per (endpoint, concurrency), spread over that many concurrent workers.
-Requests carry precomputed features of `--modality` ([T, D...]), so the figures are of the service and runtime, not
-of media decoding; /retrieve searches another modality's items. Ratios printed at the end compare the two configurations measured in this run.
+server works at a time and both see the same machine conditions. The catalog gets `--items` random unit vectors
+per modality through the catalog API (not HTTP) before the servers start; every server indexes the same catalog.
+Load is bounded: `--requests` requests per (endpoint, concurrency), spread over that many concurrent workers.
+Requests carry precomputed features of `--modality` ([T, D...]), so the figures are of the service and runtime,
+not of media decoding; /retrieve searches another modality's items. Ratios printed at the end compare the two
+configurations measured in this run.
 """
 
 from __future__ import annotations
@@ -161,17 +162,14 @@ def bodies_for(endpoint: str, n: int, modality: str, T: int, shape: list[int], s
 
 def encoder_batching_gain(bundle_dir: Path, modality: str, T: int, shape: list[int], batch: int) -> dict[str, float]:
     """clips/s of the bundle's encoder at batch 1 and at `batch`, in this process, one thread, no HTTP."""
+    from encode import clips_per_second
+
     bundle = load_bundle(bundle_dir, backend="onnx-cpu", threads=1)
     rng = np.random.default_rng(0)
 
     def rate(b: int) -> float:
         x = rng.standard_normal((b, T, *shape), dtype=np.float32)
-        bundle.encode(modality, x)
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 2.0:
-            bundle.encode(modality, x)
-            calls += 1
-        return b * calls / (time.perf_counter() - start)
+        return clips_per_second(lambda: bundle.encode(modality, x), b, 2.0, lambda: None)
 
     single, batched = rate(1), rate(batch)
     return {"single_clips_s": single, "batched_clips_s": batched, "gain": batched / single}
