@@ -1,7 +1,9 @@
-"""Search speed: faiss exact search vs a numpy brute force on the CPU, side by side; IVF recall and speed;
+"""Search speed: the CPU exact backends side by side (faiss flat, the blas backend, a plain numpy brute force); IVF
+recall and speed;
 with --gpu, the torch-CUDA blocked fp16 exact search against its roofline.
 
     python bench/search.py                          # CPU: 10k, 100k, 1M items x E=512, batch 1 and 64
+    python bench/search.py --sizes 100000 --dim 128 --batches 1 4 16 64 --ivf-sizes   # the embedded bundle's E
     python bench/search.py --sizes 10000 100000     # choose sizes
     python bench/search.py --gpu                    # CUDA: 1M x 512 fp16 at batch 1 and 1024 (needs a GPU)
 
@@ -20,8 +22,9 @@ from typing import Callable
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from srcid.index.backends import FaissBackend, IvfParams, TorchBlockedBackend
+from srcid.index.backends import BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend
 from srcid.index.ivf import choose_nlist, recall_at_10, train_centroids, tune_nprobe
 
 K = 10
@@ -77,23 +80,26 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
     for n in sizes:
         db = clustered(rng, n, dim, centers)
         keys = np.arange(n, dtype=np.int64)
-        flat = FaissBackend(dim)
+        flat, blas = FaissBackend(dim), BlasFlatBackend(dim)
         flat.add(keys, db)
+        blas.add(keys, db)
         for batch in batches:
             calls = query_budget(n, batch)
             queries = [clustered(rng, batch, dim, centers) for _ in range(calls)]
-            same = (flat.search(queries[0], K)[1] == numpy_topk(queries[0], db, K)).mean()
-            t = timed({"faiss": lambda q: flat.search(q, K), "numpy": lambda q: numpy_topk(q, db, K)}, queries)
-            f, b = t["faiss"], t["numpy"]
-            row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": f, "numpy": b,
-                   "faiss_over_numpy_qps": f["qps"] / b["qps"], "same_top10_ids": float(same)}
+            reference = numpy_topk(queries[0], db, K)
+            same = {"faiss": float((flat.search(queries[0], K)[1] == reference).mean()),
+                    "blas": float((blas.search(queries[0], K)[1] == reference).mean())}
+            t = timed({"faiss": lambda q: flat.search(q, K), "blas": lambda q: blas.search(q, K),
+                       "numpy": lambda q: numpy_topk(q, db, K)}, queries)
+            row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": t["faiss"], "blas": t["blas"], "numpy": t["numpy"],
+                   "blas_over_faiss_qps": t["blas"]["qps"] / t["faiss"]["qps"], "same_top10_ids_as_numpy": same}
             rows.append(row)
-            print(f"n={n:>8} batch={batch:>3}  faiss {f['qps']:>9.1f} q/s (p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms)"
-                  f"  numpy {b['qps']:>9.1f} q/s (p50 {b['p50_ms']:.2f} ms, p99 {b['p99_ms']:.2f} ms)"
-                  f"  ratio {row['faiss_over_numpy_qps']:.2f}x  same ids {same:.3f}", flush=True)
+            print(f"n={n:>8} batch={batch:>3}  " + "  ".join(
+                f"{name} {f['qps']:>8.1f} q/s (p50 {f['p50_ms']:.2f}, p99 {f['p99_ms']:.2f} ms)" for name, f in t.items())
+                + f"  blas/faiss {row['blas_over_faiss_qps']:.2f}x  same ids {same['faiss']:.3f} {same['blas']:.3f}", flush=True)
         if n in ivf_sizes:
             rows.append(run_ivf(n, dim, db, keys, flat, centers, rng, batches))
-        del flat, db
+        del flat, blas, db
     return rows
 
 
@@ -198,11 +204,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", type=str, default=None, help="also write the figures here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of faiss (OpenMP) and of BLAS, as the service's "
+                        "SRCID_INDEX_THREADS (0: their defaults)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "faiss": faiss.__version__,
-               "faiss_threads": faiss.omp_get_max_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-               "load_average": os.getloadavg()}
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
+        threadpool_limits(args.threads, user_api="blas")
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "faiss": faiss.__version__, "numpy": np.__version__,
+               "faiss_threads": faiss.omp_get_max_threads(), "threads": args.threads, "load_average": os.getloadavg()}
     print(json.dumps(machine))
     if args.gpu:
         rows = run_gpu(max(args.sizes), args.dim, args.batches or [1, 1024], args.peak_tflops, args.score_budget_mb, args.group, args.repeats)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from srcid.index import modality_index
-from srcid.index.backends import FaissBackend, TorchBlockedBackend, choose_backend_kind, faiss_gpu_count, torch_cuda_available
+from srcid.index.backends import (BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, choose_backend_kind,
+                                   faiss_gpu_count, make_backend, torch_cuda_available)
 from srcid.index.config import IndexConfig
 from srcid.index.ivf import recall_at_10
 from srcid.index.modality_index import ModalityIndex
@@ -35,15 +36,20 @@ def test_faiss_exact_matches_numpy_brute_force():
     assert np.allclose(scores, np.sort(queries @ vectors.T, axis=1)[:, ::-1][:, :10], atol=1e-5)
 
 
+BLOCKED = {"torch": lambda dim, budget, group: TorchBlockedBackend(dim, device="cpu", score_budget_bytes=budget, group=group),
+           "blas": lambda dim, budget, group: BlasFlatBackend(dim, score_budget_bytes=budget, group=group)}
+
+
+@pytest.mark.parametrize("blocked", sorted(BLOCKED))
 @pytest.mark.parametrize(
     "batch,k,budget,group",
     [(1, 10, 4096, 8), (7, 1, 4096, 32), (64, 10, 64 * 4 * 300, 1), (33, 50, 1 << 30, 4), (33, 50, 1 << 30, 32)],
 )
-def test_torch_blocked_topk_equals_faiss_exact(batch, k, budget, group):
+def test_blocked_topk_equals_faiss_exact(blocked, batch, k, budget, group):
     rng = np.random.default_rng(batch)
     n, dim = 3001, 48  # not a multiple of any block size used
     keys, vectors = rng.permutation(10**6)[:n].astype(np.int64), unit(rng, n, dim)
-    torch_backend = TorchBlockedBackend(dim, device="cpu", score_budget_bytes=budget, group=group)
+    torch_backend = BLOCKED[blocked](dim, budget, group)
     faiss_backend = FaissBackend(dim)
     for start in range(0, n, 1000):  # several appends: exercises capacity growth
         torch_backend.add(keys[start : start + 1000], vectors[start : start + 1000])
@@ -59,7 +65,8 @@ def test_torch_blocked_topk_equals_faiss_exact(batch, k, budget, group):
     assert np.allclose(t_scores, f_scores, atol=1e-5)
 
 
-@pytest.mark.parametrize("make", [lambda d: FaissBackend(d), lambda d: TorchBlockedBackend(d, device="cpu", score_budget_bytes=2048)])
+@pytest.mark.parametrize("make", [lambda d: FaissBackend(d), lambda d: TorchBlockedBackend(d, device="cpu", score_budget_bytes=2048),
+                                  lambda d: BlasFlatBackend(d, score_budget_bytes=2048)], ids=["faiss", "torch", "blas"])
 def test_backend_deletions_match_a_fresh_build(make):
     rng = np.random.default_rng(1)
     n, dim = 1500, 24
@@ -77,8 +84,9 @@ def test_backend_deletions_match_a_fresh_build(make):
     assert not np.isin(found, gone).any()
 
 
-def test_search_pads_when_fewer_items_than_k():
-    backend = TorchBlockedBackend(8, device="cpu")
+@pytest.mark.parametrize("blocked", sorted(BLOCKED))
+def test_search_pads_when_fewer_items_than_k(blocked):
+    backend = BLOCKED[blocked](8, 32 << 20, 32)
     backend.add(np.array([5, 6], dtype=np.int64), unit(np.random.default_rng(0), 2, 8))
     scores, keys = backend.search(unit(np.random.default_rng(1), 3, 8), 4)
     assert (keys[:, 2:] == -1).all() and set(keys[:, :2].ravel()) == {5, 6} and np.isinf(scores[:, 2:]).all()
@@ -179,12 +187,19 @@ def test_backend_choice():
     if faiss_gpu_count() == 0:
         with pytest.raises(ValueError, match="no GPU"):
             choose_backend_kind("faiss-gpu")
-        expected = "torch" if torch_cuda_available() else "faiss-cpu"
+        expected = "torch" if torch_cuda_available() else "blas"
     else:
         expected = "faiss-gpu"
     assert choose_backend_kind("auto") == expected
     with pytest.raises(ValueError, match="expected one of"):
         choose_backend_kind("annoy")
+
+
+def test_blas_kind_searches_exactly_with_blas_and_approximately_with_faiss_ivf():
+    rng = np.random.default_rng(3)
+    ivf = IvfParams(unit(rng, 4, 8), nprobe=2, recall_at_10=1.0)
+    assert make_backend("blas", 8).name == "blas-cpu-fp32"
+    assert make_backend("blas", 8, ivf).name == "faiss-cpu-ivf"
 
 
 @pytest.mark.skipif(faiss_gpu_count() == 0, reason="the installed faiss has no GPU support or sees no GPU")

@@ -50,12 +50,13 @@ def assert_equal_to_catalog(index, cat) -> None:
     assert index.check_against_catalog(sample=30) == []
 
 
-@pytest.mark.parametrize("config", [CPU, IndexConfig(backend="torch", torch_device="cpu")], ids=["faiss-cpu", "torch-cpu"])
-def test_search_finds_items_and_validates_queries(catalog_url, tmp_path, config):
+@pytest.mark.parametrize("config,backend", [(CPU, "faiss-cpu-flat"), (IndexConfig(backend="torch", torch_device="cpu"), "torch-cpu-fp32"),
+                                            (IndexConfig(backend="blas"), "blas-cpu-fp32")], ids=["faiss-cpu", "torch-cpu", "blas"])
+def test_search_finds_items_and_validates_queries(catalog_url, tmp_path, config, backend):
     with open_catalog(catalog_url, DIM, "b1") as cat:
         fill(cat, 0, 90)
         index = open_index_for_catalog(cat, tmp_path / "ix", "b1", DIM, config)
-        assert index.backend_name == ("faiss-cpu-flat" if config is CPU else "torch-cpu-fp32")
+        assert index.backend_name == backend
         hits = index.search("video", vec(4), k=5)[0]
         assert hits[0][0] == "i4" and hits[0][1] == pytest.approx(1.0, abs=1e-5)
         assert len(hits) == 5 and all(int(i[1:]) % 3 == 1 for i, _ in hits)  # only video items

@@ -53,7 +53,7 @@ def test_health_ready_and_metrics(sqlite_service):
     ready = httpx.get(sqlite_service.url + "/readyz").json()
     assert ready["status"] == "ready"
     assert ready["bundle"]["runtime_backend"] == "onnx-cpu" and ready["bundle"]["modalities"] == ["audio", "video", "text"]
-    assert ready["index"]["backend"].startswith("faiss-cpu") and ready["index"]["catalog"].startswith("sqlite:///")
+    assert ready["index"]["backend"].startswith("blas-cpu") and ready["index"]["catalog"].startswith("sqlite:///")
     assert set(ready["index"]["counts"]) == {"audio", "video", "text"}
     post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "one two"}]})
     metrics = httpx.get(sqlite_service.url + "/metrics").text

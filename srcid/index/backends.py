@@ -6,8 +6,10 @@
   masks deleted keys at query time and rebuilds in the background (see ModalityIndex).
 - `torch-cuda-fp16` (or `torch-cpu-fp32` when asked for device="cpu"): blocked exact search; each block's
   scores are reduced to top-k on the device before the next block, so the full score matrix never exists.
+- `blas-cpu-fp32`: the same blocked search on the CPU with the database kept transposed [E, n] and scored by
+  numpy's BLAS; IVF under the `blas` kind is faiss's `faiss-cpu-ivf`.
 
-`choose_backend_kind` picks faiss-gpu if the installed faiss has GPUs, else torch on CUDA, else faiss on CPU.
+`choose_backend_kind` picks faiss-gpu if the installed faiss has GPUs, else torch on CUDA, else blas on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from srcid.index.rows import RowTable, grown_capacity
 
 log = logging.getLogger(__name__)
 
-BACKEND_KINDS = ("auto", "faiss-cpu", "faiss-gpu", "torch")
+BACKEND_KINDS = ("auto", "blas", "faiss-cpu", "faiss-gpu", "torch")
 
 # faiss 1.15 on the CPU scores small batches with a SIMD loop and large ones with BLAS, but its default switch-over
 # sits at hundreds of queries; measured here (bench/search.py, E=512) BLAS wins from 4 queries on (7x at 64).
@@ -40,6 +42,12 @@ class IvfParams:
     centroids: np.ndarray
     nprobe: int
     recall_at_10: float
+
+
+def rows_per_block(batch: int, k: int, element_bytes: int, budget_bytes: int, group: int) -> int:
+    """Database rows per scored block for `batch` queries: as many as fit the score budget, at least k, whole groups."""
+    rows = max(k, budget_bytes // max(1, batch * element_bytes))
+    return -(-rows // group) * group
 
 
 class SearchBackend(ABC):
@@ -159,10 +167,7 @@ class TorchBlockedBackend(SearchBackend):
             self.db[self.torch.from_numpy(holes).to(self.device)] = self.db[self.torch.from_numpy(movers).to(self.device)]
 
     def block_rows(self, batch: int, k: int) -> int:
-        """Rows per block for a batch of `batch` queries: as many as fit the score budget, at least k, whole groups."""
-        element = self.torch.finfo(self.dtype).bits // 8
-        rows = max(k, self.score_budget_bytes // max(1, batch * element))
-        return -(-rows // self.group) * self.group
+        return rows_per_block(batch, k, self.torch.finfo(self.dtype).bits // 8, self.score_budget_bytes, self.group)
 
     def _select(self, scores: Any, k: int) -> tuple[Any, Any]:
         """Top-k (values, column indices) of each row of scores [B, r], k <= r."""
@@ -214,6 +219,85 @@ class TorchBlockedBackend(SearchBackend):
         return self.table.n
 
 
+class BlasFlatBackend(SearchBackend):
+    """Exact search on the CPU with the database transposed, float32 [E, n], so that a batch of queries [B, E] is
+    scored by one BLAS matrix product `q @ db_t` (numpy's OpenBLAS) that streams each database vector once for
+    the whole batch. Blocks of rows and the two-stage selection are TorchBlockedBackend's, in numpy: no torch here,
+    whose CPU threads spin and whose GEMM is slower than OpenBLAS for these short, wide products.
+
+    Why not faiss's flat index: below its BLAS threshold it takes one dot product per row-major vector and query,
+    above it GEMMs of 1024 database rows. bench/search.py measures both side by side (docs/PERFORMANCE.md, Search).
+    """
+
+    def __init__(self, dim: int, score_budget_bytes: int = 32 << 20, group: int = 32):
+        self.dim = dim
+        self.score_budget_bytes = score_budget_bytes
+        self.group = group
+        self.table = RowTable()
+        self.db_t = np.empty((dim, 0), dtype=np.float32)  # [E, capacity]; columns >= n are garbage
+        self.name = "blas-cpu-fp32"
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        rows = self.table.append(np.asarray(keys, dtype=np.int64))
+        if rows.stop > self.db_t.shape[1]:
+            grown = np.empty((self.dim, grown_capacity(rows.stop, self.db_t.shape[1])), dtype=np.float32)
+            grown[:, : rows.start] = self.db_t[:, : rows.start]
+            self.db_t = grown
+        self.db_t[:, rows] = np.asarray(vectors, dtype=np.float32).T
+
+    def remove(self, keys: Sequence[int]) -> None:
+        holes, movers = self.table.remove(keys)
+        if len(holes):
+            self.db_t[:, holes] = self.db_t[:, movers]
+
+    def block_rows(self, batch: int, k: int) -> int:
+        return rows_per_block(batch, k, 4, self.score_budget_bytes, self.group)
+
+    def _select(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (values, columns) of each row of scores [B, r] (r a multiple of the group, padding at -inf), unordered.
+        Group j holds the columns j, j + r/g, j + 2r/g, ...: its maximum is then an elementwise max of g contiguous
+        slices, which numpy vectorises (a max over g adjacent columns it does not)."""
+        g, (batch, r) = self.group, scores.shape
+        if g <= 1 or r < 4 * k * g:
+            columns = np.argpartition(scores, r - k, axis=1)[:, r - k :]
+        else:
+            m = r // g
+            maxima = scores.reshape(batch, g, m).max(axis=1)  # [B, m]
+            best_groups = np.argpartition(maxima, m - k, axis=1)[:, m - k :]  # [B, k]
+            candidates = (best_groups[:, :, None] + np.arange(g) * m).reshape(batch, k * g)
+            pick = np.argpartition(np.take_along_axis(scores, candidates, 1), k * g - k, axis=1)[:, k * g - k :]
+            columns = np.take_along_axis(candidates, pick, 1)
+        return np.take_along_axis(scores, columns, 1), columns
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        batch, n = len(queries), self.table.n
+        scores = np.full((batch, k), -np.inf, dtype=np.float32)
+        keys = np.full((batch, k), -1, dtype=np.int64)
+        kk = min(k, n)
+        if kk == 0:
+            return scores, keys
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        step = self.block_rows(batch, kk)
+        block = np.empty((batch, min(step, -(-n // self.group) * self.group)), dtype=np.float32)
+        values, rows = [], []
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            width = -(-(stop - start) // self.group) * self.group
+            np.matmul(q, self.db_t[:, start:stop], out=block[:, : stop - start])
+            block[:, stop - start : width] = -np.inf
+            v, c = self._select(block[:, :width], min(kk, stop - start))
+            values.append(v)
+            rows.append(c + start)
+        v, r = np.concatenate(values, axis=1), np.concatenate(rows, axis=1)
+        order = np.argsort(-v, axis=1, kind="stable")[:, :kk]
+        scores[:, :kk] = np.take_along_axis(v, order, 1)
+        keys[:, :kk] = self.table.keys[np.take_along_axis(r, order, 1)]
+        return scores, keys
+
+    def __len__(self) -> int:
+        return self.table.n
+
+
 def faiss_gpu_count() -> int:
     get = getattr(faiss, "get_num_gpus", None)
     return int(get()) if get is not None else 0
@@ -228,7 +312,7 @@ def torch_cuda_available() -> bool:
 
 
 def choose_backend_kind(requested: str = "auto") -> str:
-    """Resolve "auto" to faiss-gpu, torch (CUDA) or faiss-cpu, in that order of preference; check explicit choices."""
+    """Resolve "auto" to faiss-gpu, torch (CUDA) or blas (CPU), in that order of preference; check explicit choices."""
     if requested not in BACKEND_KINDS:
         raise ValueError(f"index backend {requested!r}: expected one of {list(BACKEND_KINDS)}")
     if requested == "faiss-gpu" and faiss_gpu_count() == 0:
@@ -239,11 +323,14 @@ def choose_backend_kind(requested: str = "auto") -> str:
         return "faiss-gpu"
     if torch_cuda_available():
         return "torch"
-    return "faiss-cpu"
+    return "blas"
 
 
 def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device: str = "cuda") -> SearchBackend:
-    """A fresh, empty backend. IVF runs on faiss only: with kind="torch" an IVF request falls back to exact search."""
+    """A fresh, empty backend. IVF runs on faiss only: with kind="torch" an IVF request falls back to exact search,
+    with kind="blas" it is faiss's IVF on the CPU."""
+    if kind == "blas":
+        return BlasFlatBackend(dim) if ivf is None else FaissBackend(dim, ivf, gpu=False)
     if kind == "faiss-cpu":
         return FaissBackend(dim, ivf, gpu=False)
     if kind == "faiss-gpu":
@@ -252,4 +339,4 @@ def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device
         if ivf is not None:
             log.info("torch backend searches exactly; the IVF option is ignored")
         return TorchBlockedBackend(dim, device=torch_device)
-    raise ValueError(f"index backend {kind!r}: expected faiss-cpu, faiss-gpu or torch")
+    raise ValueError(f"index backend {kind!r}: expected blas, faiss-cpu, faiss-gpu or torch")

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from srcid.index import persist
-from srcid.index.backends import choose_backend_kind
+from srcid.index.backends import BACKEND_KINDS, choose_backend_kind
 from srcid.index.catalog import Catalog, open_catalog
 from srcid.index.catalog_index import CatalogIndex, load_persisted
 from srcid.index.config import IndexConfig
@@ -30,8 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bundle-version", default=None, help="model bundle version (required when the catalog is new)")
     parser.add_argument("--dim", type=int, default=None, help="embedding size E (required when the catalog is new)")
     parser.add_argument("--kind", choices=["flat", "ivf"], default="flat", help="exact search (default) or IVF")
-    parser.add_argument("--backend", choices=["auto", "faiss-cpu", "faiss-gpu", "torch"], default="auto",
-                        help="auto: faiss-gpu if available, else torch on CUDA, else faiss on CPU")
+    parser.add_argument("--backend", choices=list(BACKEND_KINDS), default="auto",
+                        help="auto: faiss-gpu if available, else torch on CUDA, else blas (exact search by "
+                        "numpy BLAS, IVF by faiss) on the CPU")
     parser.add_argument("--ivf-min-items", type=int, default=50_000, help="modalities smaller than this stay exact")
     parser.add_argument("--ivf-target-recall", type=float, default=0.95,
                         help="IVF: smallest nprobe whose measured recall@10 against exact search reaches this")

@@ -11,9 +11,9 @@ from srcid.index.backends import BACKEND_KINDS
 @dataclass(frozen=True)
 class IndexConfig:
     """kind: "flat" (exact, the default) or "ivf" (approximate, for catalogs of ivf_min_items or more per modality;
-    nprobe is tuned until recall@10 against exact search reaches ivf_target_recall). backend: "auto", "faiss-cpu",
-    "faiss-gpu" or "torch" (torch_device "cuda", or "cpu" to run the same blocked code on the CPU). max_masked:
-    deleted-but-still-indexed entries tolerated on backends without removal before a background rebuild."""
+    nprobe is tuned until recall@10 against exact search reaches ivf_target_recall). backend: "auto", "blas",
+    "faiss-cpu", "faiss-gpu" or "torch" (torch_device "cuda", or "cpu" to run the same blocked code on the CPU).
+    max_masked: deleted-but-still-indexed entries tolerated on backends without removal before a background rebuild."""
 
     kind: str = "flat"
     backend: str = "auto"

@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     # pool), and on a small or shared host spinning OpenMP/onnxruntime workers cost far more than they give
     # (docs/PERFORMANCE.md, Serve: faiss B=1 search on 100k items 3.2 ms with one thread, 22.7 ms with two).
     runtime_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: its default, all cores)")
-    index_threads: int = Field(1, ge=0, description="faiss OpenMP threads for CPU search (0: its default, all cores)")
-    index_backend: str = Field("auto", description="faiss-cpu, faiss-gpu, torch or auto")
+    index_threads: int = Field(1, ge=0, description="threads of CPU search, faiss OpenMP and BLAS (0: their default, all cores)")
+    index_backend: str = Field("auto", description="blas, faiss-cpu, faiss-gpu, torch or auto")
     index_kind: Literal["flat", "ivf"] = Field(
         "flat", description="flat: exact search; ivf: approximate, for modalities of ivf_min_items or more")
     ivf_min_items: int = Field(50_000, ge=1, description="with index_kind=ivf: items a modality needs before IVF")

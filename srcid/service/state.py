@@ -38,12 +38,15 @@ CATALOG_RETRY_S = 2.0
 Hit = tuple[str, float]
 
 
-def _omp_threads(n: int) -> None:
-    """OpenMP's thread count is per calling thread, so each search thread sets faiss's own."""
+def _search_threads(n: int) -> None:
+    """OpenMP's thread count is per calling thread, so each search thread sets faiss's own; OpenBLAS's (the blas
+    backend's products) is one per process, set by the first."""
     if n:
         import faiss
+        from threadpoolctl import threadpool_limits
 
         faiss.omp_set_num_threads(n)
+        threadpool_limits(n, user_api="blas")
 
 
 class ServiceState:
@@ -64,7 +67,7 @@ class ServiceState:
         self.io_pool = ThreadPoolExecutor(8, thread_name_prefix="catalog")
         self.model_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="runtime")
         self.search_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="search",
-                                              initializer=_omp_threads, initargs=(settings.index_threads,))
+                                              initializer=_search_threads, initargs=(settings.index_threads,))
         self.cache = EncodeCache(settings.cache_url, self.metrics.cache_result) if settings.cache_url else None
         self.encoders = {m: self._batcher(f"encode-{m}", lambda p, m=m: self._encode_batch(m, p), self.model_pool)
                          for m in MODALITIES}
