@@ -1,10 +1,12 @@
 """Service load: QPS and p50/p99 latency of /encode and /retrieve at concurrency 1, 16 and 64, with micro-batching
-on (SRCID_MAX_BATCH=64) and off (SRCID_MAX_BATCH=1), in one run.
+on (SRCID_MAX_BATCH=64) and off (SRCID_MAX_BATCH=1), in one run; or, with --versus, batching on against batching
+on with other settings.
 
     python bench/serve.py                                  # the embedded bundle, 100k catalog items
     python bench/serve.py --bundle BUNDLE --items 100000 --requests 640
     python bench/serve.py --paper-dims --modality text  # an untrained bundle at the paper's dims, text features
     python bench/serve.py --index-kind ivf              # approximate search (SRCID_INDEX_KIND=ivf)
+    python bench/serve.py --versus INDEX_BACKEND=faiss-cpu  # the default settings vs faiss's flat index
 
 This process is the load generator; each configuration runs `srcid serve` as a separate process on loopback,
 both started before the first measurement; measurements alternate between them (--rounds, best kept), so one
@@ -42,7 +44,19 @@ from srcid.runtime import load_bundle  # noqa: E402
 from srcid.service.media import bundle_id  # noqa: E402
 from srcid.service.settings import EMBEDDED_BUNDLE  # noqa: E402
 
-CONFIGS = {"batching on": {"MAX_BATCH": "64", "BATCH_WAIT_MS": "5"}, "batching off": {"MAX_BATCH": "1", "BATCH_WAIT_MS": "0"}}
+BATCHING_ON = {"MAX_BATCH": "64", "BATCH_WAIT_MS": "5"}
+BATCHING_OFF = {"MAX_BATCH": "1", "BATCH_WAIT_MS": "0"}
+
+
+def configurations(versus: list[str]) -> dict[str, dict[str, str]]:
+    """The two servers' SRCID_* settings by name: batching on and off, or batching on against `versus` (KEY=VALUE)."""
+    if not versus:
+        return {"batching on": BATCHING_ON, "batching off": BATCHING_OFF}
+    try:
+        other = dict(item.split("=", 1) for item in versus)
+    except ValueError:
+        raise SystemExit(f"--versus takes KEY=VALUE settings (SRCID_ left out), got {versus}") from None
+    return {"default": BATCHING_ON, " ".join(versus): {**BATCHING_ON, **other}}
 
 
 def fill_catalog(url: str, bundle_dir: Path, n: int, seed: int = 0) -> None:
@@ -185,10 +199,13 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=100_000, help="catalog items per modality")
     parser.add_argument("--requests", type=int, default=640, help="requests per endpoint and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--port", type=int, default=8931, help="batching on: PORT, off: PORT + 1")
+    parser.add_argument("--port", type=int, default=8931, help="first configuration: PORT, second: PORT + 1")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (best kept)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument("--versus", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="compare batching on with the defaults against batching on with these SRCID_ settings")
     args = parser.parse_args()
+    configs = configurations(args.versus)
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="srcid-bench-") as tmp:
@@ -206,19 +223,19 @@ def main() -> int:
         # alternating exposes both configurations to the same conditions.
         procs = {}
         try:
-            for i, (name, extra) in enumerate(CONFIGS.items()):
+            for i, (name, extra) in enumerate(configs.items()):
                 procs[name] = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port + i,
                                            {**extra, "INDEX_KIND": args.index_kind}, tmp / f"{name}.log")
             for endpoint in ("/encode", "/retrieve"):
                 for c in args.concurrency:
                     bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c)
                     for _ in range(args.rounds):
-                        for i, name in enumerate(CONFIGS):
+                        for i, name in enumerate(configs):
                             figures = asyncio.run(load(args.port + i, endpoint, bodies, c))
                             key = f"{name} {endpoint} c={c}"
                             if key not in results or figures["qps"] > results[key]["qps"]:
                                 results[key] = figures
-                    for name in CONFIGS:
+                    for name in configs:
                         figures = results[f"{name} {endpoint} c={c}"]
                         print(f"{name:13s} {endpoint:9s} c={c:<3d} {figures['qps']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms"
                               f"  p99 {figures['p99_ms']:7.1f} ms  failures {figures['failures']}", flush=True)
@@ -234,11 +251,12 @@ def main() -> int:
     results["encoder alone"] = ceiling
     for endpoint in ("/encode", "/retrieve"):
         for c in args.concurrency:
-            on, off = results[f"batching on {endpoint} c={c}"], results[f"batching off {endpoint} c={c}"]
-            print(f"{endpoint:9s} c={c:<3d} batching on / off throughput: {on['qps'] / off['qps']:.2f}x")
+            first, second = (results[f"{name} {endpoint} c={c}"] for name in configs)
+            print(f"{endpoint:9s} c={c:<3d} {' / '.join(configs)} throughput: {first['qps'] / second['qps']:.2f}x, "
+                  f"p99 {first['p99_ms']:.1f} / {second['p99_ms']:.1f} ms")
     info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "items_per_modality": args.items,
             "requests": args.requests, "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
-            "modality": args.modality, "index_kind": args.index_kind, "results": results}
+            "modality": args.modality, "index_kind": args.index_kind, "configurations": configs, "results": results}
     if args.out:
         args.out.write_text(json.dumps(info, indent=1))
     return 0
