@@ -107,7 +107,7 @@ def _exact_ids(index: ModalityIndex, queries: np.ndarray, k: int) -> list[list[s
 
 
 def test_masked_deletions_and_background_rebuild(monkeypatch):
-    monkeypatch.setattr(modality_index, "make_backend", lambda kind, dim, ivf, device: NoRemoveFaiss(dim, ivf))
+    monkeypatch.setattr(modality_index, "make_backend", lambda kind, dim, ivf, device, store: NoRemoveFaiss(dim, ivf))
     rng = np.random.default_rng(2)
     dim = 16
     index = ModalityIndex("audio", dim, IndexConfig(backend="faiss-cpu", max_masked=10**6), "faiss-cpu")
@@ -144,6 +144,33 @@ def test_masked_deletions_and_background_rebuild(monkeypatch):
     index.wait_for_rebuild()
     assert len(index.masked) <= 20 and len(index.backend) - len(index.masked) == len(index)
     assert [[i for i, _ in hits] for hits in index.search(queries, 15)] == _exact_ids(index, queries, 15)
+
+
+def test_blas_index_searches_its_store_in_place():
+    """One copy of the vectors: adds, removals, a rebuild with writes during it and a reload all stay exact."""
+    rng = np.random.default_rng(4)
+    dim = 12
+    index = ModalityIndex("video", dim, IndexConfig(backend="blas"), "blas")
+    assert index.backend.store is index.store
+    index.add(np.arange(1, 2001, dtype=np.int64), [f"i{n}" for n in range(1, 2001)], unit(rng, 2000, dim))
+    index.remove(list(range(1, 2001, 7)))
+    queries = unit(rng, 9, dim)
+    assert [[i for i, _ in hits] for hits in index.search(queries, 12)] == _exact_ids(index, queries, 12)
+    assert len(index.backend) == len(index) == 2000 - len(range(1, 2001, 7))
+    held = threading.Event()
+    build = index._build_backend
+    index._build_backend = lambda *args, **kwargs: (held.wait(10), build(*args, **kwargs))[1]
+    index.rebuild(background=True)
+    index.add(np.arange(3001, 3101, dtype=np.int64), [f"i{n}" for n in range(3001, 3101)], unit(rng, 100, dim))
+    index.remove([2, 3, 3050])
+    held.set()
+    index.wait_for_rebuild()
+    assert index.backend.store is index.store and len(index.backend) == len(index)
+    assert [[i for i, _ in hits] for hits in index.search(queries, 12)] == _exact_ids(index, queries, 12)
+    keys, ids, vectors, _ = index.snapshot()
+    index.load(keys, ids, vectors, None)
+    assert index.backend.store is index.store
+    assert [[i for i, _ in hits] for hits in index.search(queries, 12)] == _exact_ids(index, queries, 12)
 
 
 def test_readding_an_id_under_a_new_key_replaces_it():

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from srcid.index.rows import RowTable, grown_capacity
+from srcid.index.rows import RowTable, VectorStore, grown_capacity
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class SearchBackend(ABC):
 
     name: str
     supports_remove: bool = True
+    store: VectorStore | None = None  # set when the backend searches a VectorStore in place (see BlasFlatBackend)
 
     @abstractmethod
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -220,35 +221,29 @@ class TorchBlockedBackend(SearchBackend):
 
 
 class BlasFlatBackend(SearchBackend):
-    """Exact search on the CPU with the database transposed, float32 [E, n], so that a batch of queries [B, E] is
-    scored by one BLAS matrix product `q @ db_t` (numpy's OpenBLAS) that streams each database vector once for
-    the whole batch. Blocks of rows and the two-stage selection are TorchBlockedBackend's, in numpy: no torch here,
-    whose CPU threads spin and whose GEMM is slower than OpenBLAS for these short, wide products.
+    """Exact search on the CPU over a VectorStore, whose vectors are kept transposed, float32 [E, n]: a batch of
+    queries [B, E] is scored by one BLAS matrix product `q @ columns` (numpy's OpenBLAS) that streams each vector
+    once for the whole batch. Given the index's own store, it searches it in place and holds no copy (the index
+    then writes to the store alone); without one it keeps its own. Blocks of rows and the two-stage selection are
+    TorchBlockedBackend's, in numpy: no torch here, whose CPU threads spin and whose GEMM is slower than OpenBLAS
+    for these short, wide products.
 
     Why not faiss's flat index: below its BLAS threshold it takes one dot product per row-major vector and query,
     above it GEMMs of 1024 database rows. bench/search.py measures both side by side (docs/PERFORMANCE.md, Search).
     """
 
-    def __init__(self, dim: int, score_budget_bytes: int = 32 << 20, group: int = 32):
+    def __init__(self, dim: int, store: VectorStore | None = None, score_budget_bytes: int = 32 << 20, group: int = 32):
         self.dim = dim
+        self.store = store if store is not None else VectorStore(dim)
         self.score_budget_bytes = score_budget_bytes
         self.group = group
-        self.table = RowTable()
-        self.db_t = np.empty((dim, 0), dtype=np.float32)  # [E, capacity]; columns >= n are garbage
         self.name = "blas-cpu-fp32"
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        rows = self.table.append(np.asarray(keys, dtype=np.int64))
-        if rows.stop > self.db_t.shape[1]:
-            grown = np.empty((self.dim, grown_capacity(rows.stop, self.db_t.shape[1])), dtype=np.float32)
-            grown[:, : rows.start] = self.db_t[:, : rows.start]
-            self.db_t = grown
-        self.db_t[:, rows] = np.asarray(vectors, dtype=np.float32).T
+        self.store.add(keys, vectors)
 
     def remove(self, keys: Sequence[int]) -> None:
-        holes, movers = self.table.remove(keys)
-        if len(holes):
-            self.db_t[:, holes] = self.db_t[:, movers]
+        self.store.remove(keys)
 
     def block_rows(self, batch: int, k: int) -> int:
         return rows_per_block(batch, k, 4, self.score_budget_bytes, self.group)
@@ -270,7 +265,7 @@ class BlasFlatBackend(SearchBackend):
         return np.take_along_axis(scores, columns, 1), columns
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        batch, n = len(queries), self.table.n
+        batch, n, columns = len(queries), len(self.store), self.store.columns
         scores = np.full((batch, k), -np.inf, dtype=np.float32)
         keys = np.full((batch, k), -1, dtype=np.int64)
         kk = min(k, n)
@@ -283,7 +278,7 @@ class BlasFlatBackend(SearchBackend):
         for start in range(0, n, step):
             stop = min(n, start + step)
             width = -(-(stop - start) // self.group) * self.group
-            np.matmul(q, self.db_t[:, start:stop], out=block[:, : stop - start])
+            np.matmul(q, columns[:, start:stop], out=block[:, : stop - start])
             block[:, stop - start : width] = -np.inf
             v, c = self._select(block[:, :width], min(kk, stop - start))
             values.append(v)
@@ -291,11 +286,11 @@ class BlasFlatBackend(SearchBackend):
         v, r = np.concatenate(values, axis=1), np.concatenate(rows, axis=1)
         order = np.argsort(-v, axis=1, kind="stable")[:, :kk]
         scores[:, :kk] = np.take_along_axis(v, order, 1)
-        keys[:, :kk] = self.table.keys[np.take_along_axis(r, order, 1)]
+        keys[:, :kk] = self.store.table.keys[np.take_along_axis(r, order, 1)]
         return scores, keys
 
     def __len__(self) -> int:
-        return self.table.n
+        return len(self.store)
 
 
 def faiss_gpu_count() -> int:
@@ -326,11 +321,12 @@ def choose_backend_kind(requested: str = "auto") -> str:
     return "blas"
 
 
-def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device: str = "cuda") -> SearchBackend:
-    """A fresh, empty backend. IVF runs on faiss only: with kind="torch" an IVF request falls back to exact search,
-    with kind="blas" it is faiss's IVF on the CPU."""
+def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device: str = "cuda",
+                 store: VectorStore | None = None) -> SearchBackend:
+    """A fresh, empty backend, or with kind="blas" one that searches `store` in place. IVF runs on faiss only: with
+    kind="torch" an IVF request falls back to exact search, with kind="blas" it is faiss's IVF on the CPU."""
     if kind == "blas":
-        return BlasFlatBackend(dim) if ivf is None else FaissBackend(dim, ivf, gpu=False)
+        return BlasFlatBackend(dim, store) if ivf is None else FaissBackend(dim, ivf, gpu=False)
     if kind == "faiss-cpu":
         return FaissBackend(dim, ivf, gpu=False)
     if kind == "faiss-gpu":

@@ -62,12 +62,14 @@ class RowTable:
 
 
 class VectorStore:
-    """Host copy of an index's vectors float32 [n, E], in RowTable order: what is persisted and rebuilt from."""
+    """Host copy of an index's vectors, in RowTable order: what is persisted, rebuilt from and, by the blas backend,
+    searched in place. Kept transposed, float32 [E, capacity] (`columns`), because a batch of queries [B, E] is
+    scored fastest as one BLAS product with it; `live()` and `get()` give rows [n, E] as views or copies."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.table = RowTable()
-        self.vectors = np.empty((0, dim), dtype=np.float32)
+        self.columns = np.empty((dim, 0), dtype=np.float32)  # columns >= n are garbage
 
     def __len__(self) -> int:
         return self.table.n
@@ -76,20 +78,22 @@ class VectorStore:
         return key in self.table
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        rows = self.table.append(keys)
-        if rows.stop > len(self.vectors):
-            grown = np.empty((len(self.table.keys), self.dim), dtype=np.float32)
-            grown[: rows.start] = self.vectors[: rows.start]
-            self.vectors = grown
-        self.vectors[rows] = vectors
+        """New keys int64 [m] (none present) with vectors float32 [m, E]."""
+        rows = self.table.append(np.asarray(keys, dtype=np.int64))
+        if rows.stop > self.columns.shape[1]:
+            grown = np.empty((self.dim, len(self.table.keys)), dtype=np.float32)
+            grown[:, : rows.start] = self.columns[:, : rows.start]
+            self.columns = grown
+        self.columns[:, rows] = np.asarray(vectors, dtype=np.float32).T
 
     def remove(self, keys: Sequence[int]) -> None:
         holes, movers = self.table.remove(keys)
-        self.vectors[holes] = self.vectors[movers]
+        self.columns[:, holes] = self.columns[:, movers]
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """Views of keys int64 [n] and vectors float32 [n, E]; copy before releasing the owner's lock."""
-        return self.table.keys[: self.table.n], self.vectors[: self.table.n]
+        return self.table.keys[: self.table.n], self.columns[:, : self.table.n].T
 
     def get(self, keys: Sequence[int]) -> np.ndarray:
-        return self.vectors[self.table.rows(keys)]
+        """Vectors float32 [len(keys), E] of present keys (a copy)."""
+        return self.columns[:, self.table.rows(keys)].T
