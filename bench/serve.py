@@ -8,6 +8,9 @@ on with other settings.
     python bench/serve.py --index-kind ivf              # approximate search (SRCID_INDEX_KIND=ivf)
     python bench/serve.py --versus INDEX_BACKEND=faiss-cpu  # the default settings vs faiss's flat index
 
+The run ends with two ceilings: the encoder alone in this process at batch 64 vs 1 (the most batching can give when
+the encoder is all the work), and GET /healthz at the top concurrency (the HTTP path with nothing behind it).
+
 This process is the load generator; each configuration runs `srcid serve` as a separate process on loopback,
 both started before the first measurement; measurements alternate between them (--rounds, best kept), so one
 server works at a time and both see the same machine conditions. The catalog gets `--items` random unit vectors
@@ -112,7 +115,7 @@ class Connection:
         self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         return self
 
-    async def post(self, raw: bytes) -> int:
+    async def send(self, raw: bytes) -> int:
         self.writer.write(raw)
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
@@ -124,13 +127,16 @@ class Connection:
         self.writer.close()
 
 
-def raw_request(path: str, body: dict, port: int) -> bytes:
+def raw_request(path: str, body: dict | None, port: int) -> bytes:
+    """A POST of `body` as JSON, or a GET when it is None."""
+    if body is None:
+        return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     data = json.dumps(body, separators=(",", ":")).encode()
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(data)}\r\n\r\n").encode() + data
 
 
-async def load(port: int, path: str, bodies: list[dict], concurrency: int) -> dict[str, float]:
+async def load(port: int, path: str, bodies: list[dict | None], concurrency: int) -> dict[str, float]:
     """Send every body once with `concurrency` workers (one connection each); QPS over the whole run, latency
     percentiles in ms."""
     raws = [raw_request(path, b, port) for b in bodies]
@@ -143,14 +149,14 @@ async def load(port: int, path: str, bodies: list[dict], concurrency: int) -> di
         while queue:
             raw = queue.pop()
             t0 = time.perf_counter()
-            status = await conn.post(raw)
+            status = await conn.send(raw)
             latencies.append(time.perf_counter() - t0)
             failures += status != 200
 
     conns = [await Connection("127.0.0.1", port).open() for _ in range(concurrency)]
     # Warm-up at the same concurrency, so the runtime has seen the batch sizes this load makes before timing.
     for _ in range(2):
-        await asyncio.gather(*[c.post(raws[i % len(raws)]) for i, c in enumerate(conns)])
+        await asyncio.gather(*[c.send(raws[i % len(raws)]) for i, c in enumerate(conns)])
     t0 = time.perf_counter()
     await asyncio.gather(*[worker(c) for c in conns])
     wall = time.perf_counter() - t0
@@ -239,6 +245,11 @@ def main() -> int:
                         figures = results[f"{name} {endpoint} c={c}"]
                         print(f"{name:13s} {endpoint:9s} c={c:<3d} {figures['qps']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms"
                               f"  p99 {figures['p99_ms']:7.1f} ms  failures {figures['failures']}", flush=True)
+            # The floor of the HTTP path: an endpoint that does nothing, through the same middleware and server.
+            top = max(args.concurrency)
+            floor = max((asyncio.run(load(args.port, "/healthz", [None] * args.requests, top)) for _ in range(args.rounds)),
+                        key=lambda f: f["qps"])
+            results[f"GET /healthz c={top}"] = floor
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
@@ -249,6 +260,10 @@ def main() -> int:
           f"{ceiling['batched_clips_s']:.0f} clips/s, batch 1 {ceiling['single_clips_s']:.0f} clips/s: "
           f"{ceiling['gain']:.2f}x, the most batching can give when the encoder is all the work")
     results["encoder alone"] = ceiling
+    off_name = list(configs)[1]
+    print(f"HTTP floor: GET /healthz at c={top} {floor['qps']:.0f} req/s (p99 {floor['p99_ms']:.1f} ms). No endpoint passes it "
+          f"here, so /encode under {list(configs)[0]} can reach at most "
+          f"{floor['qps'] / results[f'{off_name} /encode c={top}']['qps']:.2f}x {off_name} at c={top}, even if encoding cost nothing")
     for endpoint in ("/encode", "/retrieve"):
         for c in args.concurrency:
             first, second = (results[f"{name} {endpoint} c={c}"] for name in configs)

@@ -16,6 +16,7 @@ from test_service_support import b64, image_bytes, mp4_bytes, png_claiming, rand
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends
 from srcid.service.models import InputFields
+from srcid.service.state import GC_YOUNG_THRESHOLD
 from srcid.service.media import to_features
 
 AUTH = {"Authorization": f"Bearer {SERVICE_API_KEY}"}
@@ -65,6 +66,7 @@ def test_health_ready_and_metrics(sqlite_service):
     assert 'srcid_backend_info{bundle="' in metrics and 'runtime="onnx-cpu"' in metrics
     # The server runs in this process: what it loaded is frozen out of the collector's full scans.
     assert gc.get_freeze_count() > 10_000
+    assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
 
 
 # -- /encode --------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 CATALOG_RETRY_S = 2.0
+GC_YOUNG_THRESHOLD = 20_000
 Hit = tuple[str, float]
 
 
@@ -114,9 +115,12 @@ class ServiceState:
                 load_demo(self)
                 self.index.sync()
             # Half a million long-lived objects (torch, onnx, pydantic schemas) made every full collection stall
-            # the event loop ~240 ms, the p99 of a loaded server; frozen objects are never scanned again.
+            # the event loop ~240 ms, the p99 of a loaded server; frozen objects are never scanned again. A
+            # request's objects die by reference counting; collecting every 700 net allocations still took 8-10 %
+            # of the event loop under load (py-spy), none with this threshold (docs/PERFORMANCE.md, Serve).
             gc.collect()
             gc.freeze()
+            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
             self.ready, self.status = True, "ready"
             log.info("ready", extra={"figures": self.live_figures()})
         except Exception as exc:  # noqa: BLE001 - a failed load leaves a server that says why on /readyz
