@@ -6,8 +6,8 @@
   masks deleted keys at query time and rebuilds in the background (see ModalityIndex).
 - `torch-cuda-fp16` (or `torch-cpu-fp32` when asked for device="cpu"): blocked exact search; each block's
   scores are reduced to top-k on the device before the next block, so the full score matrix never exists.
-- `blas-cpu-fp32`: the same blocked search on the CPU with the database kept transposed [E, n] and scored by
-  numpy's BLAS; IVF under the `blas` kind is faiss's `faiss-cpu-ivf`.
+- `blas-cpu-fp32`: the same blocked search on the CPU, scored by numpy's BLAS over the index's own host copy of
+  the vectors (kept transposed [E, n]), so no second copy; IVF under the `blas` kind is faiss's `faiss-cpu-ivf`.
 
 `choose_backend_kind` picks faiss-gpu if the installed faiss has GPUs, else torch on CUDA, else blas on the CPU.
 """
