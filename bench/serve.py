@@ -167,6 +167,36 @@ async def load(port: int, path: str, bodies: list[dict | None], concurrency: int
             "failures": failures}
 
 
+STAGES = {"queue_wait_seconds": "wait", "batch_run_seconds": "call"}
+
+
+def stage_sums(port: int) -> dict[str, float]:
+    """The server's stage histograms (sum and count per batcher) from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if any(name.startswith(f"srcid_{stage}_") for stage in STAGES) and ("_sum{" in name or "_count{" in name):
+            out[name] = float(value)
+    return out
+
+
+def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean ms per request of each batcher's queue wait and per call of its batch call, over one measurement:
+    e.g. {"encode-audio wait_ms": 3.1, "encode-audio call_ms": 2.0} (batchers that did nothing left out)."""
+    means = {}
+    for stage, short in STAGES.items():
+        for name, total in after.items():
+            if not name.startswith(f"srcid_{stage}_sum{{"):
+                continue
+            batcher = name.split('batcher="', 1)[1].split('"', 1)[0]
+            count_name = name.replace("_sum{", "_count{")
+            count = after[count_name] - before.get(count_name, 0.0)
+            if count:
+                means[f"{batcher} {short}_ms"] = 1000 * (total - before.get(name, 0.0)) / count
+    return means
+
+
 def bodies_for(endpoint: str, n: int, modality: str, T: int, shape: list[int], seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     target = "video" if modality != "video" else "audio"
@@ -237,14 +267,17 @@ def main() -> int:
                     bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c)
                     for _ in range(args.rounds):
                         for i, name in enumerate(configs):
+                            before = stage_sums(args.port + i)
                             figures = asyncio.run(load(args.port + i, endpoint, bodies, c))
+                            figures.update(stage_means(before, stage_sums(args.port + i)))
                             key = f"{name} {endpoint} c={c}"
                             if key not in results or figures["qps"] > results[key]["qps"]:
                                 results[key] = figures
                     for name in configs:
                         figures = results[f"{name} {endpoint} c={c}"]
+                        stages = "  ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in figures.items() if "wait" in k or "call" in k)
                         print(f"{name:13s} {endpoint:9s} c={c:<3d} {figures['qps']:8.1f} req/s  p50 {figures['p50_ms']:7.1f} ms"
-                              f"  p99 {figures['p99_ms']:7.1f} ms  failures {figures['failures']}", flush=True)
+                              f"  p99 {figures['p99_ms']:7.1f} ms  failures {figures['failures']}  mean ms: {stages}", flush=True)
             # The floor of the HTTP path: an endpoint that does nothing, through the same middleware and server.
             top = max(args.concurrency)
             floor = max((asyncio.run(load(args.port, "/healthz", [None] * args.requests, top)) for _ in range(args.rounds)),

@@ -110,12 +110,14 @@ def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, ref
     for i, s in enumerate(single):
         assert s["layer1"][0].tolist() == want["layer1"][i].tolist()
 
-    def batches() -> tuple[float, float]:
+    def batches() -> dict[str, float]:
+        """count and sum of the encode-audio batcher's histograms: rows per call, queue wait, call duration."""
         text = httpx.get(sqlite_service.url + "/metrics").text
-        line = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith("srcid_batch_rows")}
-        return line['srcid_batch_rows_count{batcher="encode-audio"}'], line['srcid_batch_rows_sum{batcher="encode-audio"}']
+        line = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if not ln.startswith("#")}
+        return {f"{name}_{part}": line[f'srcid_{name}_{part}{{batcher="encode-audio"}}']
+                for name in ("batch_rows", "queue_wait_seconds", "batch_run_seconds") for part in ("count", "sum")}
 
-    calls_before, rows_before = batches()
+    before = batches()
 
     async def fire():
         async with httpx.AsyncClient(base_url=sqlite_service.url, timeout=120) as client:
@@ -130,9 +132,13 @@ def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, ref
         item = a.json()["items"][0]
         assert item["layer1"] == want["layer1"][i].tolist() and item["layer2"] == want["layer2"][i].tolist()
         np.testing.assert_allclose(item["embedding"], want["embedding"][i], atol=1e-5)
-    calls, rows = batches()
-    assert rows - rows_before == 64
-    assert calls - calls_before < 64, "no two concurrent requests shared a runtime call"
+    after = {k: v - before[k] for k, v in batches().items()}
+    calls = after["batch_rows_count"]
+    assert after["batch_rows_sum"] == 64
+    assert calls < 64, "no two concurrent requests shared a runtime call"
+    # Every request waited once for its batch; every call was timed, and took time.
+    assert after["queue_wait_seconds_count"] == 64 and after["queue_wait_seconds_sum"] > 0
+    assert after["batch_run_seconds_count"] == calls and after["batch_run_seconds_sum"] > 0
 
 
 # -- errors ---------------------------------------------------------------------------------------------------

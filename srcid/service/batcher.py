@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
@@ -29,13 +30,15 @@ class _Pending(Generic[P, R]):
     payload: P
     rows: int
     future: asyncio.Future = field(repr=False)
+    queued_at: float = 0.0  # event-loop time of enqueue
 
 
 class MicroBatcher(Generic[P, R]):
     """`run(payloads) -> results` (one result per payload, same order; an Exception as a result fails that request
     alone) is called with up to `max_batch` rows.
 
-    `on_batch(rows)` and `on_depth(depth)` report batch sizes and queue depth (metrics)."""
+    `on_batch(rows)` and `on_depth(depth)` report batch sizes and queue depth, `on_wait(seconds)` each request's
+    wait from enqueue to the start of its batch and `on_run(seconds)` each batch's call (metrics)."""
 
     def __init__(
         self,
@@ -47,12 +50,14 @@ class MicroBatcher(Generic[P, R]):
         queue_size: int,
         on_batch: Callable[[int], None] = lambda rows: None,
         on_depth: Callable[[int], None] = lambda depth: None,
+        on_wait: Callable[[float], None] = lambda seconds: None,
+        on_run: Callable[[float], None] = lambda seconds: None,
     ):
         self.name = name
         self._run, self._executor = run, executor
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue(maxsize=queue_size)
-        self._on_batch, self._on_depth = on_batch, on_depth
+        self._on_batch, self._on_depth, self._on_wait, self._on_run = on_batch, on_depth, on_wait, on_run
         self._held: _Pending | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -78,9 +83,10 @@ class MicroBatcher(Generic[P, R]):
         """Queue a request; the future gets its result. Raises Overloaded when the queue is full."""
         if self._closing or self._task is None:
             raise NotReady(f"{self.name}: the service is shutting down")
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         try:
-            self._queue.put_nowait(_Pending(payload, rows, future))
+            self._queue.put_nowait(_Pending(payload, rows, future, loop.time()))
         except asyncio.QueueFull:
             raise Overloaded(f"{self.name}: {self._queue.maxsize} requests already waiting; retry later") from None
         self._on_depth(self._queue.qsize())
@@ -125,6 +131,12 @@ class MicroBatcher(Generic[P, R]):
             rows += item.rows
         return batch, False
 
+    def _timed_run(self, payloads: list[P]) -> tuple[Sequence[R], float]:
+        """The batch function and its duration in its own thread (the event loop's delay in resuming is not in it)."""
+        start = time.perf_counter()
+        results = self._run(payloads)
+        return results, time.perf_counter() - start
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         stopping = False
@@ -141,8 +153,12 @@ class MicroBatcher(Generic[P, R]):
             if not live:
                 continue
             self._on_batch(sum(p.rows for p in live))
+            started = loop.time()
+            for p in live:
+                self._on_wait(started - p.queued_at)
             try:
-                results = await loop.run_in_executor(self._executor, self._run, [p.payload for p in live])
+                results, seconds = await loop.run_in_executor(self._executor, self._timed_run, [p.payload for p in live])
+                self._on_run(seconds)
             except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer
                 if isinstance(exc, ValueError):  # an error with a status for the client (catalog down, say)
                     log.warning("%s: batch of %d requests failed: %s", self.name, len(live), exc)

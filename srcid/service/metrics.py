@@ -42,6 +42,11 @@ class Metrics:
         self.batch_size = Histogram("srcid_batch_rows", "rows per runtime/index call", ["batcher"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("srcid_queue_depth", "requests waiting in a batcher", ["batcher"], registry=r)
+        # Where a request's time goes between arrival and answer: waiting for its batch, then the batch's call.
+        self.queue_wait = Histogram("srcid_queue_wait_seconds", "from enqueue to the start of the request's batch",
+                                    ["batcher"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_run = Histogram("srcid_batch_run_seconds", "one runtime/index call of a batch, in its thread",
+                                   ["batcher"], buckets=LATENCY_BUCKETS, registry=r)
         self.cache = Counter("srcid_encode_cache", "encode cache lookups by result", ["result"], registry=r)
         for result in ("hit", "miss", "error"):
             self.cache.labels(result)

@@ -82,6 +82,7 @@ class ServiceState:
         return MicroBatcher(
             name, run, pool, s.max_batch, s.batch_wait_ms, s.queue_size,
             on_batch=self.metrics.batch_size.labels(name).observe, on_depth=self.metrics.queue_depth.labels(name).set,
+            on_wait=self.metrics.queue_wait.labels(name).observe, on_run=self.metrics.batch_run.labels(name).observe,
         )
 
     # -- life cycle ---------------------------------------------------------------------------------------
