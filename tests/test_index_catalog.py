@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from srcid.cli import main as srcid_main
+from srcid.index import persist
 from srcid.index.catalog import open_catalog
 from srcid.index.catalog_index import open_index_for_catalog
 from srcid.index.config import IndexConfig
@@ -301,3 +302,43 @@ def test_acknowledged_writes_survive_sigkill(catalog_url, tmp_path, request):
             assert live <= in_index and not (deleted & in_index)
             assert index.check_against_catalog(sample=20) == []
     assert len(added) >= 30 and len(deleted) >= 5, f"the children acknowledged only {len(added)} adds: the test did not exercise writes"
+
+
+def _save_repeatedly(index_dir: str, seed: int, rounds: int) -> int:
+    """Saves of random snapshots, as a worker process sharing the folder would make them."""
+    rng = np.random.default_rng(seed)
+    for position in range(rounds):
+        snapshots = {m: (np.arange(3000, dtype=np.int64), [f"{m}-{seed}-{i}" for i in range(3000)],
+                         rng.normal(size=(3000, 16)).astype(np.float32), None) for m in MODALITIES}
+        persist.write_index(Path(index_dir), {"position": position, "dim": 16, "writer": seed}, snapshots)
+    return rounds
+
+
+def _load_repeatedly(index_dir: str, rounds: int) -> int:
+    """Loads under the shared lock, as a starting worker does; every file its manifest names must be there."""
+    loaded = 0
+    for _ in range(rounds):
+        with persist.locked(Path(index_dir), exclusive=False):
+            manifest, _ = persist.read_manifest(Path(index_dir))
+            if manifest is not None:
+                for entry in manifest["modalities"].values():
+                    persist.read_modality(Path(index_dir), entry, 16)
+                loaded += 1
+    return loaded
+
+
+def test_processes_sharing_an_index_folder_never_delete_each_others_files(tmp_path):
+    """Two uvicorn workers (or replicas on one volume) saving into one folder: without the folder lock a save's
+    clean-up deleted the other's half-written files (FileNotFoundError) and a load could lose files mid-read."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(3) as pool:
+        saves = [pool.submit(_save_repeatedly, str(tmp_path), seed, 40) for seed in (1, 2)]
+        loads = pool.submit(_load_repeatedly, str(tmp_path), 80)
+        assert [s.result() for s in saves] == [40, 40]
+        loads.result()  # re-raises a load that found a named file gone
+    manifest, reason = persist.read_manifest(tmp_path)
+    assert reason is None and manifest["position"] == 39
+    named = {name for entry in manifest["modalities"].values() for name in entry.values() if isinstance(name, str)}
+    data = {p.name for p in tmp_path.iterdir() if p.name not in (persist.MANIFEST, persist.LOCK)}
+    assert data == named, "a save left files its manifest does not name, or lost some"

@@ -224,14 +224,15 @@ class CatalogIndex:
 def load_persisted(index: CatalogIndex, index_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     """Load the index persisted at `index_dir` into `index` as it is (not caught up). Returns (manifest, None), or
     (manifest or None, why it cannot serve this catalog) leaving `index` empty."""
-    manifest, reason = persist.read_manifest(index_dir)
-    if manifest is not None:
-        reason = index.refusal_reason(manifest)
-    if reason is None:
-        try:
-            index.load(index_dir, manifest)  # type: ignore[arg-type]
-        except (OSError, ValueError, KeyError) as exc:
-            reason = f"its files are unreadable ({exc})"
+    with persist.locked(index_dir, exclusive=False):  # no save by another process deletes files while we read
+        manifest, reason = persist.read_manifest(index_dir)
+        if manifest is not None:
+            reason = index.refusal_reason(manifest)
+        if reason is None:
+            try:
+                index.load(index_dir, manifest)  # type: ignore[arg-type]
+            except (OSError, ValueError, KeyError) as exc:
+                reason = f"its files are unreadable ({exc})"
     return manifest, reason
 
 

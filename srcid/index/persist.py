@@ -9,6 +9,8 @@ with allow_pickle=False.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 _DATA_FILE = re.compile(r"^(audio|video|text)-[0-9a-f-]+\.(keys\.npy|vectors\.npy|ids\.json|centroids\.npy)$")
 
 
@@ -53,6 +56,21 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def locked(index_dir: Path, exclusive: bool) -> Iterator[None]:
+    """An advisory lock on the index folder, exclusive for a save (which deletes what its manifest does not name),
+    shared for a load: processes that share a folder (uvicorn --workers, replicas on one volume) then never delete
+    files another is writing or reading. Without it a second worker's save removed the first's half-written files."""
+    index_dir = Path(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with open(index_dir / LOCK, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def read_manifest(index_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None), or (None, why it cannot be used)."""
     path = Path(index_dir) / MANIFEST
@@ -75,7 +93,15 @@ def write_index(
 ) -> dict[str, Any]:
     """Persist modality snapshots (keys [n], ids [n], vectors [n, E], ivf) under a new manifest; return it."""
     index_dir = Path(index_dir)
-    index_dir.mkdir(parents=True, exist_ok=True)
+    with locked(index_dir, exclusive=True):
+        return _write_locked(index_dir, header, snapshots)
+
+
+def _write_locked(
+    index_dir: Path,
+    header: dict[str, Any],
+    snapshots: dict[str, tuple[np.ndarray, list[str], np.ndarray, IvfParams | None]],
+) -> dict[str, Any]:
     token = f"{int(header['position']):012d}-{uuid.uuid4().hex[:8]}"
     modalities: dict[str, Any] = {}
     for modality, (keys, ids, vectors, ivf) in snapshots.items():

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     bundle: Path = Field(EMBEDDED_BUNDLE, description="model bundle folder (default: the embedded AV-Digits bundle)")
     data_dir: Path = Field(Path("./srcid-data"), description="where the defaults keep state (catalog db, index)")
     catalog_url: str | None = Field(None, description="sqlite:///path or redis://host:port/db (default: sqlite in data_dir)")
-    index_dir: Path | None = Field(None, description="persisted FAISS index, one per replica (default: data_dir/index)")
+    index_dir: Path | None = Field(None, description="persisted index; replicas may share it (default: data_dir/index)")
     cache_url: str | None = Field(None, description="redis://... for the encode cache (unset: no cache)")
     api_key: str | None = Field(None, description="Bearer key required for POST/DELETE /items (unset: writes open)")
     host: str = "127.0.0.1"
