@@ -7,6 +7,8 @@ on with other settings.
     python bench/serve.py --paper-dims --modality text  # an untrained bundle at the paper's dims, text features
     python bench/serve.py --index-kind ivf              # approximate search (SRCID_INDEX_KIND=ivf)
     python bench/serve.py --versus INDEX_BACKEND=faiss-cpu  # the default settings vs faiss's flat index
+    python bench/serve.py --workers 2                   # both servers with two worker processes
+    python bench/serve.py --versus WORKERS=2            # one worker process vs two, batching on
 
 The run ends with two ceilings: the encoder alone in this process at batch 64 vs 1 (the most batching can give when
 the encoder is all the work), and GET /healthz at the top concurrency (the HTTP path with nothing behind it).
@@ -238,6 +240,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8931, help="first configuration: PORT, second: PORT + 1")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (best kept)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    parser.add_argument("--workers", type=int, default=1, help="SRCID_WORKERS of both servers")
     parser.add_argument("--versus", nargs="+", default=[], metavar="KEY=VALUE",
                         help="compare batching on with the defaults against batching on with these SRCID_ settings")
     args = parser.parse_args()
@@ -261,7 +264,8 @@ def main() -> int:
         try:
             for i, (name, extra) in enumerate(configs.items()):
                 procs[name] = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port + i,
-                                           {**extra, "INDEX_KIND": args.index_kind}, tmp / f"{name}.log")
+                                           {"WORKERS": str(args.workers), **extra, "INDEX_KIND": args.index_kind},
+                                           tmp / f"{name}.log")
             for endpoint in ("/encode", "/retrieve"):
                 for c in args.concurrency:
                     bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c)
@@ -304,7 +308,8 @@ def main() -> int:
                   f"p99 {first['p99_ms']:.1f} / {second['p99_ms']:.1f} ms")
     info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "items_per_modality": args.items,
             "requests": args.requests, "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
-            "modality": args.modality, "index_kind": args.index_kind, "configurations": configs, "results": results}
+            "modality": args.modality, "index_kind": args.index_kind, "workers": args.workers, "configurations": configs,
+            "results": results}
     if args.out:
         args.out.write_text(json.dumps(info, indent=1))
     return 0

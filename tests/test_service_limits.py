@@ -178,3 +178,22 @@ def test_a_front_end_without_its_weights_leaves_that_modality_features_only(serv
         assert "precomputed features only" in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_srcid_serve_with_two_workers_is_ready_once_both_are_and_sums_their_metrics(tmp_path):
+    """`srcid serve --workers 2`: one demo catalog (not one per worker), /readyz 200 only when every worker has
+    loaded (requests go to either), /metrics the sum over both, and a clean stop that saves the index."""
+    demo = json.loads((EMBEDDED / "demo" / "demo.json").read_text())["items"]
+    server = ProcessServer(tmp_path / "serve.log", ["--workers", "2"], data_dir=tmp_path / "data", log_level="warning")
+    try:
+        ready = server.wait_ready().json()
+        assert sum(ready["index"]["counts"].values()) == len(demo)
+        answers = [httpx.post(server.url + "/encode", json=ENCODE, timeout=60) for _ in range(40)]
+        assert [a.status_code for a in answers] == [200] * 40  # no worker still loading
+        assert len({json.dumps(a.json()) for a in answers}) == 1  # same bundle, same codes, whichever answered
+        metrics = httpx.get(server.url + "/metrics").text
+        line = 'srcid_requests_total{method="POST",route="/encode",status="200"} '
+        assert float(metrics.split(line, 1)[1].split("\n", 1)[0]) == 40.0, "metrics are one worker's, not the sum"
+    finally:
+        assert server.terminate() == 0
+    assert (tmp_path / "data" / "index" / "manifest.json").exists()

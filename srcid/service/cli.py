@@ -4,6 +4,9 @@ its demo catalog from ./srcid-data (no network, no Redis, no GPU needed)."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # flag -> Settings field; every flag defaults to None so the environment (SRCID_*) and the defaults apply.
@@ -27,6 +30,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--queue-size", "queue_size", int, "waiting requests per modality before 429 (SRCID_QUEUE_SIZE, 1024)"),
     ("--max-body-bytes", "max_body_bytes", int, "larger bodies get 413 (SRCID_MAX_BODY_BYTES, 16777216)"),
     ("--log-level", "log_level", str, "debug, info, warning, error (SRCID_LOG_LEVEL, info)"),
+    ("--workers", "workers", int, "server processes, each with its own model and index (SRCID_WORKERS, 1)"),
 ]
 
 
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
     from .logs import configure
     from .settings import Settings
+    from .state import WORKER_DIR_ENV
 
     overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in FLAGS}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -63,9 +68,22 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{what} {settings.bundle} not found (--bundle / SRCID_BUNDLE name another)")
     log_config = configure(settings.log_level)
     logging.config.dictConfig(log_config)
-    app = create_app(settings)
     # uvicorn finishes requests in flight on SIGTERM/SIGINT (up to the graceful timeout), then the lifespan's
     # shutdown drains the batchers and saves the index.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=log_config, access_log=False,
-                timeout_graceful_shutdown=30)
+    common = dict(host=settings.host, port=settings.port, log_config=log_config, access_log=False,
+                  timeout_graceful_shutdown=30)
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Each worker process builds its app from the environment, so the flags travel there. The workers share a
+    # folder: the metrics of all are summed from files there (prometheus_client's multiprocess mode, read at its
+    # import), and each marks itself loaded there, so /readyz says ready only once every worker is.
+    for field, value in overrides.items():
+        os.environ[f"SRCID_{field.upper()}"] = str(value)
+    shared = tempfile.mkdtemp(prefix="srcid-workers-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[WORKER_DIR_ENV] = shared
+    try:
+        uvicorn.run("srcid.service.app:create_app", factory=True, workers=settings.workers, **common)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     return 0

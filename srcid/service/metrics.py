@@ -1,10 +1,12 @@
-"""Prometheus metrics of one app (its own registry, so several apps can live in one process, as in tests)."""
+"""Prometheus metrics of one app (its own registry, so several apps can live in one process, as in tests), or, when
+PROMETHEUS_MULTIPROC_DIR is set (`srcid serve --workers N`), of every worker process, summed from that folder."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -34,14 +36,19 @@ class _Live:
 
 class Metrics:
     def __init__(self, live: Callable[[], dict]):
+        self._live = _Live(live)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # In multiprocess mode the values live in the folder's files; registering them here too would report this
+        # worker's share beside the sum.
         self.registry = CollectorRegistry()
-        r = self.registry
+        r = None if self.multiprocess else self.registry
         self.requests = Counter("srcid_requests", "HTTP requests", ["route", "method", "status"], registry=r)
         self.latency = Histogram("srcid_request_seconds", "HTTP request latency", ["route", "method"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("srcid_batch_rows", "rows per runtime/index call", ["batcher"],
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("srcid_queue_depth", "requests waiting in a batcher", ["batcher"], registry=r)
+        self.queue_depth = Gauge("srcid_queue_depth", "requests waiting in a batcher", ["batcher"], registry=r,
+                                 multiprocess_mode="livesum")
         # Where a request's time goes between arrival and answer: waiting for its batch, then the batch's call.
         self.queue_wait = Histogram("srcid_queue_wait_seconds", "from enqueue to the start of the request's batch",
                                     ["batcher"], buckets=LATENCY_BUCKETS, registry=r)
@@ -50,7 +57,9 @@ class Metrics:
         self.cache = Counter("srcid_encode_cache", "encode cache lookups by result", ["result"], registry=r)
         for result in ("hit", "miss", "error"):
             self.cache.labels(result)
-        r.register(_Live(live))
+        if self.multiprocess:
+            multiprocess.MultiProcessCollector(self.registry)
+        self.registry.register(self._live)
 
     def cache_result(self, result: str, count: int) -> None:
         if count:
@@ -58,3 +67,8 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """At a worker's exit: drop its live gauges from the sums."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     ivf_min_items: int = Field(50_000, ge=1, description="with index_kind=ivf: items a modality needs before IVF")
     ivf_target_recall: float = Field(0.95, gt=0, le=1, description="IVF nprobe is tuned to this recall@10 vs exact")
     decode_threads: int = Field(4, ge=1, description="threads that decode media and run front-ends")
+    workers: int = Field(1, ge=1, description="server processes, each with its own model, index and batchers")
     demo_catalog: bool = Field(True, description="load the shipped demo items into an empty catalog (embedded bundle only)")
     log_level: str = "info"
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 CATALOG_RETRY_S = 2.0
+WORKER_DIR_ENV = "SRCID_WORKER_DIR"  # set by `srcid serve --workers N`: a folder the workers share (readiness, metrics)
 GC_YOUNG_THRESHOLD = 20_000
 Hit = tuple[str, float]
 
@@ -76,6 +79,8 @@ class ServiceState:
                           for m in MODALITIES}
         self._stop = threading.Event()
         self._loader: asyncio.Future | None = None
+        worker_dir = os.environ.get(WORKER_DIR_ENV)
+        self._ready_marker = Path(worker_dir) / f"ready-{os.getpid()}" if worker_dir and settings.workers > 1 else None
 
     def _batcher(self, name: str, run: Callable, pool: ThreadPoolExecutor) -> MicroBatcher:
         s = self.settings
@@ -123,6 +128,8 @@ class ServiceState:
             gc.freeze()
             gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
             self.ready, self.status = True, "ready"
+            if self._ready_marker is not None:
+                self._ready_marker.touch()
             log.info("ready", extra={"figures": self.live_figures()})
         except Exception as exc:  # noqa: BLE001 - a failed load leaves a server that says why on /readyz
             self.error = f"{type(exc).__name__}: {exc}"
@@ -159,11 +166,22 @@ class ServiceState:
             self.catalog.close()
         for pool in (self.decode_pool, self.io_pool, self.model_pool, self.search_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
+        if self._ready_marker is not None:
+            self._ready_marker.unlink(missing_ok=True)
 
     def _save_index(self) -> None:
         assert self.index is not None
         self.index.sync()
         self.index.save(self.settings.index_dir)
+
+    def workers_waiting(self) -> str | None:
+        """With several workers, what /readyz waits for until every one has loaded (requests go to any of them)."""
+        if self._ready_marker is None:
+            return None
+        ready = len(list(self._ready_marker.parent.glob("ready-*")))
+        n = self.settings.workers
+        return None if ready >= n else f"{ready} of {n} workers loaded"
 
     def require_ready(self) -> Bundle:
         if not self.ready or self.bundle is None:

@@ -22,10 +22,11 @@ async def healthz() -> dict:
 async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
     """Ready: bundle, runtime backend, index backend and item counts. Not ready: 503 with what it is doing or
     why it failed."""
-    if not state.ready:
-        message = state.error or state.status
-        return JSONResponse({"error": {"code": "not_ready", "message": f"not ready: {message}"},
-                             "status": state.status}, status_code=503)
+    waiting = state.workers_waiting() if state.ready else None
+    if not state.ready or waiting:
+        status = waiting or state.status
+        return JSONResponse({"error": {"code": "not_ready", "message": f"not ready: {state.error or status}"},
+                             "status": status}, status_code=503)
     bundle, index = state.bundle, state.index
     cache = None
     if state.cache is not None:
