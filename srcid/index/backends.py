@@ -223,8 +223,8 @@ class TorchBlockedBackend(SearchBackend):
 class BlasFlatBackend(SearchBackend):
     """Exact search on the CPU over a VectorStore, whose vectors are kept transposed, float32 [E, n]: a batch of
     queries [B, E] is scored by one BLAS matrix product `q @ columns` (numpy's OpenBLAS) that streams each vector
-    once for the whole batch. Given the index's own store, it searches it in place and holds no copy (the index
-    then writes to the store alone); without one it keeps its own. Blocks of rows and the two-stage selection are
+    once for the whole batch. Given the index's own store, it searches it in place, holds no copy and leaves the
+    writes to the index (its add and remove do nothing); without one it keeps its own and writes to it. Blocks of rows and the two-stage selection are
     TorchBlockedBackend's, in numpy: no torch here, whose CPU threads spin and whose GEMM is slower than OpenBLAS
     for these short, wide products.
 
@@ -235,15 +235,18 @@ class BlasFlatBackend(SearchBackend):
     def __init__(self, dim: int, store: VectorStore | None = None, score_budget_bytes: int = 32 << 20, group: int = 32):
         self.dim = dim
         self.store = store if store is not None else VectorStore(dim)
+        self._owns_store = store is None
         self.score_budget_bytes = score_budget_bytes
         self.group = group
         self.name = "blas-cpu-fp32"
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
-        self.store.add(keys, vectors)
+        if self._owns_store:
+            self.store.add(keys, vectors)
 
     def remove(self, keys: Sequence[int]) -> None:
-        self.store.remove(keys)
+        if self._owns_store:
+            self.store.remove(keys)
 
     def block_rows(self, batch: int, k: int) -> int:
         return rows_per_block(batch, k, 4, self.score_budget_bytes, self.group)

@@ -1,6 +1,6 @@
 """The index of one modality: str ids <-> int64 keys, a host copy of the vectors, and a search backend.
 
-A backend that searches the host copy in place (blas) gets no writes of its own: the store is its data.
+A backend may search the host copy in place (blas, given `store`): its add and remove then do nothing.
 
 Backends that cannot remove (faiss GPU) keep deleted entries; they are masked out of results (queries ask
 for k + masked and drop them) until a rebuild, started in the background once `max_masked` is passed,
@@ -63,8 +63,7 @@ class ModalityIndex:
             if replaced:
                 self.remove(replaced)
             self.store.add(keys, vectors)
-            if self._separate(self.backend):
-                self.backend.add(keys, vectors)
+            self.backend.add(keys, vectors)
             self.id_of.update(zip(keys.tolist(), ids))
             self.key_of.update(zip(ids, keys.tolist()))
             if self._journal is not None:
@@ -80,8 +79,7 @@ class ModalityIndex:
             for key in keys:
                 del self.key_of[self.id_of.pop(key)]
             if self.backend.supports_remove:
-                if self._separate(self.backend):
-                    self.backend.remove(keys)
+                self.backend.remove(keys)
             else:
                 self.masked.update(keys)
             if self._journal is not None:
@@ -108,10 +106,6 @@ class ModalityIndex:
             ]
 
     # -- (re)building --------------------------------------------------------------------------------------
-    def _separate(self, backend: SearchBackend) -> bool:
-        """Whether `backend` holds its own vectors (and so takes writes), rather than searching this store in place."""
-        return backend.store is not self.store
-
     def _build_backend(self, keys: np.ndarray, vectors: np.ndarray, retrain: bool) -> tuple[SearchBackend, IvfParams | None]:
         """A backend holding keys [n] / vectors [n, E]: IVF when configured and large enough, else exact."""
         ivf, needs_tuning = None, False
@@ -123,10 +117,9 @@ class ModalityIndex:
                 log.info("%s: training IVF with %d lists on %d vectors", self.modality, nlist, len(keys))
                 ivf = IvfParams(train_centroids(vectors, nlist), nprobe=1, recall_at_10=0.0)
         backend = make_backend(self.backend_kind, self.dim, ivf, self.config.torch_device, self.store)
-        if self._separate(backend):
-            chunks = range(0, len(keys), ADD_CHUNK)
-            for start in tqdm(chunks, desc=f"index {self.modality}", unit="chunk", disable=len(chunks) < 4):
-                backend.add(keys[start : start + ADD_CHUNK], vectors[start : start + ADD_CHUNK])
+        chunks = range(0, len(keys), ADD_CHUNK)
+        for start in tqdm(chunks, desc=f"index {self.modality}", unit="chunk", disable=len(chunks) < 4):
+            backend.add(keys[start : start + ADD_CHUNK], vectors[start : start + ADD_CHUNK])
         if ivf is not None and needs_tuning:
             nprobe, recall = tune_nprobe(backend, keys, vectors, self.config.ivf_target_recall)  # type: ignore[arg-type]
             ivf = IvfParams(ivf.centroids, nprobe, recall)
@@ -157,8 +150,7 @@ class ModalityIndex:
             raise
         with self.lock:
             masked: set[int] = set()
-            replay = (self._journal or []) if self._separate(backend) else []  # a store searched in place is current
-            for op, op_keys, op_vectors in replay:
+            for op, op_keys, op_vectors in self._journal or []:
                 if op == "add":
                     backend.add(op_keys, op_vectors)  # type: ignore[arg-type]
                 elif backend.supports_remove:

@@ -36,7 +36,6 @@ class _Live:
 
 class Metrics:
     def __init__(self, live: Callable[[], dict]):
-        self._live = _Live(live)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         # In multiprocess mode the values live in the folder's files; registering them here too would report this
         # worker's share beside the sum.
@@ -59,7 +58,7 @@ class Metrics:
             self.cache.labels(result)
         if self.multiprocess:
             multiprocess.MultiProcessCollector(self.registry)
-        self.registry.register(self._live)
+        self.registry.register(_Live(live))
 
     def cache_result(self, result: str, count: int) -> None:
         if count:
