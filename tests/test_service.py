@@ -141,6 +141,29 @@ def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, ref
     assert after["batch_run_seconds_count"] == calls and after["batch_run_seconds_sum"] > 0
 
 
+def test_small_feature_and_text_inputs_skip_the_decode_threads(sqlite_service, reference, monkeypatch):
+    """Checked on the event loop when cheaper than a thread hop; media and large feature inputs still go to a
+    decode thread. The answers are the runtime's either way."""
+    pool = sqlite_service.state.decode_pool
+    handed: list[str] = []
+    submit = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda fn, *args: handed.append(fn.__name__) or submit(fn, *args))
+    cases = [
+        ("audio", [{"features": random_features("audio", 7).tolist()}], []),
+        ("text", [{"text": "one two three"}], []),
+        ("audio", [{"audio_b64": b64(wav_bytes())}], ["prepare"]),
+        # 52 inputs of [10, 128] hold 66,560 numbers, past INLINE_PREPARE_SIZE (rounded: the body stays under 1 MB)
+        ("audio", [{"features": np.round(random_features("audio", 200 + i).astype(np.float64), 2).tolist()} for i in range(52)], ["prepare"]),
+    ]
+    for modality, inputs, threads in cases:
+        handed.clear()
+        r = post(sqlite_service, "/encode", {"modality": modality, "inputs": inputs})
+        assert r.status_code == 200, r.text
+        assert handed == threads, (modality, len(inputs))
+        want = expected(reference, modality, inputs)
+        assert [item["layer1"] for item in r.json()["items"]] == want["layer1"].tolist()
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 def _nan_features() -> str:
     x = random_features("audio", 3).tolist()

@@ -167,6 +167,34 @@ class Prepared:
         return len(self.rows)
 
 
+# Inputs up to this many numbers (features) or characters (text) are prepared on the event loop: handing them to a
+# decode thread and back cost ~0.25 ms of CPU a request, several times the check itself (docs/PERFORMANCE.md, Serve),
+# while anything larger, and all media, still goes to a decode thread so the loop never stalls on one request.
+INLINE_PREPARE_SIZE = 1 << 16
+
+
+def _leading_size(value: Any) -> int:
+    """Numbers in a nested list, judged by its first elements (exact for a rectangular one)."""
+    size = 1
+    while isinstance(value, list) and value:
+        size *= len(value)
+        value = value[0]
+    return size
+
+
+def cheap_to_prepare(items: Sequence[InputFields]) -> bool:
+    """Whether `prepare(items)` is cheaper than a thread hop: only features and text, INLINE_PREPARE_SIZE at most."""
+    size = 0
+    for item in items:
+        if item.kind == "features":
+            size += _leading_size(item.features)
+        elif item.kind == "text":
+            size += len(item.text)
+        else:
+            return False
+    return size <= INLINE_PREPARE_SIZE
+
+
 def prepare(items: Sequence[InputFields], modality: str, bundle: Bundle, where: str = "inputs") -> Prepared:
     """Decode base64 and media and check `features` (per request, in a worker thread); raises `BadInput`."""
     if modality not in bundle.manifest.modalities:

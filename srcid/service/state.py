@@ -28,7 +28,7 @@ from srcid.runtime import Bundle, load_bundle
 from .batcher import MicroBatcher
 from .cache import EncodeCache, Encoded
 from .errors import BadInput, NotReady
-from .media import Prepared, build_frontends, bundle_id, cache_key, featurize, prepare
+from .media import Prepared, build_frontends, bundle_id, cache_key, cheap_to_prepare, featurize, prepare
 from .metrics import Metrics
 from .models import InputFields
 from .settings import Settings
@@ -233,7 +233,11 @@ class ServiceState:
         if todo:
             batcher = self.encoders[modality]
             with batcher.coming():
-                job = await self.run_in(self.decode_pool, prepare, [inputs[i] for i in todo], modality, bundle, where)
+                items = [inputs[i] for i in todo]
+                if cheap_to_prepare(items):
+                    job = prepare(items, modality, bundle, where)
+                else:
+                    job = await self.run_in(self.decode_pool, prepare, items, modality, bundle, where)
                 waiting = batcher.enqueue(job, rows=len(job))
             out = await waiting
             fresh = {}
