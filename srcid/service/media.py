@@ -196,7 +196,8 @@ def cheap_to_prepare(items: Sequence[InputFields]) -> bool:
 
 
 def prepare(items: Sequence[InputFields], modality: str, bundle: Bundle, where: str = "inputs") -> Prepared:
-    """Decode base64 and media and check `features` (per request, in a worker thread); raises `BadInput`."""
+    """Decode base64 and media and check `features` (per request: in a decode thread, or on the event loop when
+    `cheap_to_prepare`); raises `BadInput`."""
     if modality not in bundle.manifest.modalities:
         raise BadInput(f"modality {modality!r}: this bundle encodes {bundle.modalities}", code="wrong_modality")
     T = bundle.manifest.T
