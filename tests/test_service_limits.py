@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -194,6 +198,47 @@ def test_srcid_serve_with_two_workers_is_ready_once_both_are_and_sums_their_metr
         metrics = httpx.get(server.url + "/metrics").text
         line = 'srcid_requests_total{method="POST",route="/encode",status="200"} '
         assert float(metrics.split(line, 1)[1].split("\n", 1)[0]) == 40.0, "metrics are one worker's, not the sum"
+
+        # A worker that dies: the survivor stops counting it at once, uvicorn's replacement loads, ready again.
+        victim, survivor = _worker_pids(server.process.pid)
+        shared = Path(dict(kv.split("=", 1) for kv in _environ(survivor))["PROMETHEUS_MULTIPROC_DIR"])
+        assert (shared / f"ready-{victim}").exists() and list(shared.glob(f"gauge_live*_{victim}.db"))
+        os.kill(victim, signal.SIGKILL)
+        deadline, seen = time.monotonic() + 10, []
+        while time.monotonic() < deadline and "1 of 2 workers loaded" not in seen:
+            r = httpx.get(server.url + "/readyz")
+            seen.append(r.json()["status"])
+        assert "1 of 2 workers loaded" in seen, f"/readyz still counted the dead worker: {seen[-3:]}"
+        assert httpx.get(server.url + "/metrics").status_code == 200
+        assert not (shared / f"ready-{victim}").exists() and not list(shared.glob(f"gauge_live*_{victim}.db"))
+        server.wait_ready()
+        assert victim not in _worker_pids(server.process.pid)
+        assert httpx.post(server.url + "/encode", json=ENCODE, timeout=60).status_code == 200
     finally:
         assert server.terminate() == 0
     assert (tmp_path / "data" / "index" / "manifest.json").exists()
+
+
+def _worker_pids(parent: int) -> list[int]:
+    """uvicorn's worker processes: the children multiprocessing spawned (its resource tracker is not one)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def _environ(pid: int) -> list[str]:
+    return [kv for kv in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in kv]
+
+
+def test_a_worker_that_exited_is_not_running_even_before_it_is_reaped():
+    from srcid.service.state import _running
+
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)  # exited but not waited for: a zombie, which signal 0 still reaches
+    try:
+        assert not _running(child.pid)
+        assert _running(os.getpid())
+    finally:
+        child.wait()
+    assert not _running(child.pid)

@@ -69,5 +69,9 @@ class Metrics:
 
     def close(self) -> None:
         """At a worker's exit: drop its live gauges from the sums."""
+        self.forget_process(os.getpid())
+
+    def forget_process(self, pid: int) -> None:
+        """Drop a worker's live gauges from the sums (its counters and histograms still count)."""
         if self.multiprocess:
-            multiprocess.mark_process_dead(os.getpid())
+            multiprocess.mark_process_dead(pid)

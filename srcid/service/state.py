@@ -53,6 +53,19 @@ def _search_threads(n: int) -> None:
         threadpool_limits(n, user_api="blas")
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process under that number: not ours to judge, so not dead
+        return True
+    try:  # a killed worker stays a zombie, which signal 0 still reaches, until uvicorn reaps it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 class ServiceState:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -179,9 +192,24 @@ class ServiceState:
         """With several workers, what /readyz waits for until every one has loaded (requests go to any of them)."""
         if self._ready_marker is None:
             return None
-        ready = len(list(self._ready_marker.parent.glob("ready-*")))
-        n = self.settings.workers
+        ready, n = self.forget_dead_workers(), self.settings.workers
         return None if ready >= n else f"{ready} of {n} workers loaded"
+
+    def forget_dead_workers(self) -> int:
+        """Loaded workers still running. A worker that died (killed, out of memory) leaves its ready marker and its
+        live gauges behind; uvicorn starts a replacement, which marks itself once loaded, so until then /readyz
+        must not count the dead one, nor /metrics its queue depth."""
+        if self._ready_marker is None:
+            return 0
+        ready = 0
+        for marker in self._ready_marker.parent.glob("ready-*"):
+            pid = int(marker.name.removeprefix("ready-"))
+            if _running(pid):
+                ready += 1
+            else:
+                marker.unlink(missing_ok=True)
+                self.metrics.forget_process(pid)
+        return ready
 
     def require_ready(self) -> Bundle:
         if not self.ready or self.bundle is None:

@@ -52,4 +52,5 @@ async def readyz(state: ServiceState = Depends(get_state)) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(state: ServiceState = Depends(get_state)) -> Response:
+    state.forget_dead_workers()
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
