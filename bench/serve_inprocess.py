@@ -1,0 +1,134 @@
+"""The service's own CPU per request, without HTTP or a load generator: the ASGI app driven in this process.
+
+    python bench/serve_inprocess.py                      # /encode of [10, 128] features at 64 in flight
+    python bench/serve_inprocess.py --concurrency 16 --requests 2000
+
+Two ways of checking a request's small feature inputs take turns (--rounds, each a fresh measurement on the same
+app): on the event loop (the service's way since `cheap_to_prepare`), and handed to a decode thread and back, as
+every input was before. Each measurement prints req/s and CPU ms per request (process time over all threads,
+so the thread hop's wake-ups and interpreter-lock hand-offs count); the last line gives the ratio of the medians.
+The bench is the only client: nothing else shares the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import srcid.service.state as state_module
+from srcid.service.app import create_app
+from srcid.service.settings import Settings
+
+ON_LOOP = state_module.cheap_to_prepare
+
+
+def always_a_thread(items) -> bool:
+    return False
+
+
+def scope_for(path: str, body: bytes) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "state": {},
+            "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+
+async def call(app, body: bytes) -> int:
+    """One POST /encode through the whole ASGI app (middleware, routing, validation, batcher); its status."""
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # the client never disconnects
+        return {}
+
+    status = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app(scope_for("/encode", body), receive, send)
+    return status[0]
+
+
+async def measure(app, bodies: list[bytes], n: int, concurrency: int) -> dict[str, float]:
+    todo = list(range(n))
+    failures = 0
+
+    async def worker() -> None:
+        nonlocal failures
+        while todo:
+            failures += await call(app, bodies[todo.pop() % len(bodies)]) != 200
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"qps": n / wall, "cpu_ms": 1000 * cpu / n, "failures": failures}
+
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="srcid-bench-") as tmp:
+        settings = Settings(catalog_url=f"sqlite:///{Path(tmp) / 'catalog.db'}", data_dir=Path(tmp), demo_catalog=False,
+                            log_level="warning")
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            state = app.state.service
+            while not state.ready:
+                if state.error:
+                    raise SystemExit(f"service failed to load: {state.error}")
+                await asyncio.sleep(0.05)
+            manifest = state.bundle.manifest
+            shape = (manifest.T, *manifest.modalities[args.modality].shape)
+            rng = np.random.default_rng(0)
+            bodies = [json.dumps({"modality": args.modality,
+                                  "inputs": [{"features": np.round(rng.standard_normal(shape), 4).tolist()}]}).encode()
+                      for _ in range(64)]
+            ways = {"on the event loop": ON_LOOP, "in a decode thread": always_a_thread}
+            figures: dict[str, list[dict]] = {name: [] for name in ways}
+            for name, way in ways.items():  # warm-up: the runtime sees this load's batch sizes
+                state_module.cheap_to_prepare = way
+                await measure(app, bodies, args.requests // 4, args.concurrency)
+            for r in range(args.rounds):
+                for name, way in ways.items():
+                    state_module.cheap_to_prepare = way
+                    f = await measure(app, bodies, args.requests, args.concurrency)
+                    figures[name].append(f)
+                    print(f"round {r + 1}  checks {name:18s} {f['qps']:7.0f} req/s  {f['cpu_ms']:.3f} ms CPU/request"
+                          f"  failures {f['failures']}", flush=True)
+            state_module.cheap_to_prepare = ON_LOOP
+    med = {name: {k: statistics.median(f[k] for f in fs) for k in ("qps", "cpu_ms")} for name, fs in figures.items()}
+    loop, thread = med["on the event loop"], med["in a decode thread"]
+    print(f"/encode at {args.concurrency} in flight, medians of {args.rounds}: checks on the event loop "
+          f"{loop['qps']:.0f} req/s, {loop['cpu_ms']:.3f} ms CPU/request; in a decode thread {thread['qps']:.0f} req/s, "
+          f"{thread['cpu_ms']:.3f} ms: {loop['qps'] / thread['qps']:.2f}x throughput, "
+          f"{thread['cpu_ms'] - loop['cpu_ms']:.3f} ms CPU/request saved")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modality", default="audio", help="modality of the request features (default audio)")
+    parser.add_argument("--requests", type=int, default=4000, help="requests per measurement")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4, help="alternating measurements per way")
+    args = parser.parse_args()
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
