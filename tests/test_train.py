@@ -113,8 +113,11 @@ def _tiny_flags() -> list[str]:
 
 
 def test_ctrl_c_writes_a_checkpoint(tmp_path):
+    # As at a terminal: a shell that runs this suite in the background has SIGINT ignored, which Python would
+    # inherit and keep, so Ctrl-C would never reach the trainer.
     proc = _srcid("train", "--synthetic", "--synthetic-clips", "64", "--out", str(tmp_path), "--steps", "100000",
-                  "--batch-size", "8", "--log-every", "1", *_tiny_flags())  # fmt: skip
+                  "--batch-size", "8", "--log-every", "1", *_tiny_flags(),
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
         time.sleep(0.5)
