@@ -168,7 +168,7 @@ class Prepared:
 
 
 # Inputs up to this many numbers (features) or characters (text) are prepared on the event loop: handing them to a
-# decode thread and back cost ~0.25 ms of CPU a request, several times the check itself (docs/PERFORMANCE.md, Serve),
+# decode thread and back cost ~0.2 ms of CPU a request, several times the check itself (bench/serve_inprocess.py),
 # while anything larger, and all media, still goes to a decode thread so the loop never stalls on one request.
 INLINE_PREPARE_SIZE = 1 << 16
 
