@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from serve import bodies_for  # the same request bodies as bench/serve.py
 
 import srcid.service.state as state_module
 from srcid.service.app import create_app
@@ -92,11 +92,8 @@ async def run(args: argparse.Namespace) -> None:
                     raise SystemExit(f"service failed to load: {state.error}")
                 await asyncio.sleep(0.05)
             manifest = state.bundle.manifest
-            shape = (manifest.T, *manifest.modalities[args.modality].shape)
-            rng = np.random.default_rng(0)
-            bodies = [json.dumps({"modality": args.modality,
-                                  "inputs": [{"features": np.round(rng.standard_normal(shape), 4).tolist()}]}).encode()
-                      for _ in range(64)]
+            bodies = [json.dumps(body).encode() for body in bodies_for(
+                "/encode", 64, args.modality, manifest.T, list(manifest.modalities[args.modality].shape), seed=0)]
             ways = {"on the event loop": ON_LOOP, "in a decode thread": always_a_thread}
             figures: dict[str, list[dict]] = {name: [] for name in ways}
             for name, way in ways.items():  # warm-up: the runtime sees this load's batch sizes
