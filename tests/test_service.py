@@ -299,6 +299,51 @@ def test_items_round_trip_and_retrieve(sqlite_service, reference):
     assert "a3" not in [x["id"] for x in r.json()["results"]]
 
 
+def _batcher_counts(server, name: str) -> tuple[float, float]:
+    """(calls, rows) of a batcher so far, from /metrics."""
+    text = httpx.get(server.url + "/metrics").text
+    line = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if not ln.startswith("#")}
+    return tuple(line.get(f'srcid_batch_rows_{part}{{batcher="{name}"}}', 0.0) for part in ("count", "sum"))
+
+
+def test_concurrent_retrieves_of_every_kind_share_a_batch_and_equal_their_single_answers(sqlite_service):
+    """A /retrieve batch takes queries by features of two modalities, by text and by item id together, encodes
+    them in the same thread call that searches, and answers each as if it had come alone; an unknown item in the
+    batch fails alone (404)."""
+    items = [_item(f"rb{i}", "audio", 300 + i, n=i) for i in range(12)] + [_item(f"rbv{i}", "video", 320 + i) for i in range(4)]
+    assert post(sqlite_service, "/items", {"items": items}, headers=AUTH).status_code == 201
+    queries = ([{"modality": "audio", "features": random_features("audio", 400 + i).tolist()} for i in range(6)]
+               + [{"modality": "video", "features": random_features("video", 420 + i).tolist()} for i in range(4)]
+               + [{"modality": "text", "text": word} for word in ("one", "seven two", "nine")]
+               + [{"item_id": f"rbv{i}"} for i in range(4)] + [{"item_id": "rb3"}, {"item_id": "no-such-item"}])
+    bodies = [{"query": q, "target": "audio", "top_k": 5} for q in queries]
+    single = [post(sqlite_service, "/retrieve", body) for body in bodies]
+    assert [r.status_code for r in single] == [200] * (len(bodies) - 1) + [404]
+    assert "rb3" not in [x["id"] for x in single[-2].json()["results"]]  # a query by item leaves that item out
+    calls, rows = _batcher_counts(sqlite_service, "retrieve-audio")
+    encodes = [_batcher_counts(sqlite_service, f"encode-{m}") for m in ("audio", "video", "text")]
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=sqlite_service.url, timeout=120) as client:
+            return await asyncio.gather(*[client.post("/retrieve", json=body) for body in bodies])
+
+    together = asyncio.run(fire())
+    assert [r.status_code for r in together] == [r.status_code for r in single]
+    for alone, batched in zip(single, together):
+        if alone.status_code != 200:
+            assert batched.json()["error"]["code"] == alone.json()["error"]["code"] == "not_found"
+            continue
+        a, b = alone.json()["results"], batched.json()["results"]
+        assert len(a) == 5 and [x["id"] for x in b] == [x["id"] for x in a]
+        assert [x["metadata"] for x in b] == [x["metadata"] for x in a]
+        np.testing.assert_allclose([x["score"] for x in b], [x["score"] for x in a], atol=1e-5)
+    now_calls, now_rows = _batcher_counts(sqlite_service, "retrieve-audio")
+    assert now_rows - rows == len(bodies)
+    assert now_calls - calls < len(bodies), "no two concurrent queries shared a batch"
+    # The queries were encoded inside the retrieve batches, not handed to /encode's batchers.
+    assert [_batcher_counts(sqlite_service, f"encode-{m}") for m in ("audio", "video", "text")] == encodes
+
+
 BAD_RETRIEVES = [
     ("unknown item", {"query": {"item_id": "no-such-item"}, "target": "audio"}, 404, "not_found"),
     ("unknown target", {"query": {"item_id": "x"}, "target": "smell"}, 422, "invalid_request"),

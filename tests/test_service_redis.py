@@ -49,6 +49,15 @@ def test_redis_catalog_and_cache_survive_a_redis_restart(service_bundle, redis_s
         hits = httpx.post(url + "/retrieve", json={"query": {"modality": "audio", "features": items[1]["features"]},
                                                    "target": "audio", "top_k": 2}).json()["results"]
         assert hits[0]["id"] == "r1" and hits[0]["score"] > 0.999
+        # A query's encoding is cached too: a new query is a miss, the same query again a hit with the same answer.
+        fresh = {"query": {"modality": "audio", "features": random_features("audio", 77).tolist()}, "target": "audio"}
+        before = _cache_counts(url)
+        first_hits = httpx.post(url + "/retrieve", json=fresh).json()["results"]
+        middle = _cache_counts(url)
+        assert httpx.post(url + "/retrieve", json=fresh).json()["results"] == first_hits
+        after = _cache_counts(url)
+        assert (middle["hit"] - before["hit"], middle["miss"] - before["miss"]) == (0, 1)
+        assert (after["hit"] - middle["hit"], after["miss"] - middle["miss"]) == (1, 0)
         assert httpx.delete(url + "/items/r3", headers=AUTH).status_code == 200
         assert httpx.get(url + "/items/r3").status_code == 404
 

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from srcid.index.catalog import Catalog, open_catalog
 from srcid.index.catalog_index import CatalogIndex, open_index_for_catalog
-from srcid.index.errors import CatalogUnavailableError
+from srcid.index.errors import CatalogUnavailableError, ItemNotFoundError
 from srcid.index.items import MODALITIES, Item, make_item
 from srcid.model.frontends import FrontEnd
 from srcid.runtime import Bundle, load_bundle
@@ -30,7 +31,7 @@ from .cache import EncodeCache, Encoded
 from .errors import BadInput, NotReady
 from .media import Prepared, build_frontends, bundle_id, cache_key, cheap_to_prepare, featurize, prepare
 from .metrics import Metrics
-from .models import InputFields
+from .models import InputFields, Query
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,26 @@ R = TypeVar("R")
 CATALOG_RETRY_S = 2.0
 WORKER_DIR_ENV = "SRCID_WORKER_DIR"  # set by `srcid serve --workers N`: a folder the workers share (readiness, metrics)
 GC_YOUNG_THRESHOLD = 20_000
-Hit = tuple[str, float]
+
+
+@dataclass
+class Search:
+    """One /retrieve query for its target's batch: a catalog item's embedding (`item_id`, left out of its own
+    results), inputs still to encode (`job`), or an embedding already known (`vector`, a cache hit)."""
+
+    k: int
+    item_id: str | None = None
+    job: Prepared | None = None
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class Found:
+    """A query's answer: up to k (id, score, item) best first, and what encoding the query gave (None if it did not
+    encode), for the cache."""
+
+    hits: list[tuple[str, float, Item]]
+    encoded: Encoded | None
 
 
 def _search_threads(n: int) -> None:
@@ -79,17 +99,20 @@ class ServiceState:
         self.status = "starting"
         self.error: str | None = None
         self.metrics = Metrics(self.live_figures)
-        # Media decoding and front-ends; the catalog; the runtime (one call per modality at a time); the index.
+        # Media decoding and front-ends; the catalog; /encode's runtime calls; /retrieve's (encode, search, fetch).
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.io_pool = ThreadPoolExecutor(8, thread_name_prefix="catalog")
         self.model_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="runtime")
         self.search_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="search",
                                               initializer=_search_threads, initargs=(settings.index_threads,))
+        # Both pools encode; a front-end is not safe to call from two threads at once (a fast tokenizer's padding
+        # state, for one), so each modality's front-end and runtime call hold its lock.
+        self._encoding = {m: threading.Lock() for m in MODALITIES}
         self.cache = EncodeCache(settings.cache_url, self.metrics.cache_result) if settings.cache_url else None
         self.encoders = {m: self._batcher(f"encode-{m}", lambda p, m=m: self._encode_batch(m, p), self.model_pool)
                          for m in MODALITIES}
-        self.searchers = {m: self._batcher(f"search-{m}", lambda p, m=m: self._search_batch(m, p), self.search_pool)
-                          for m in MODALITIES}
+        self.retrievers = {m: self._batcher(f"retrieve-{m}", lambda p, m=m: self._retrieve_batch(m, p),
+                                            self.search_pool) for m in MODALITIES}
         self._stop = threading.Event()
         self._loader: asyncio.Future | None = None
         worker_dir = os.environ.get(WORKER_DIR_ENV)
@@ -105,7 +128,7 @@ class ServiceState:
 
     # -- life cycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
-        for b in (*self.encoders.values(), *self.searchers.values()):
+        for b in (*self.encoders.values(), *self.retrievers.values()):
             b.start()
         self._loader = asyncio.get_running_loop().run_in_executor(self.io_pool, self.load)
 
@@ -164,7 +187,7 @@ class ServiceState:
     async def stop(self) -> None:
         """Answer what is queued, persist the index, release everything."""
         self._stop.set()
-        for b in (*self.encoders.values(), *self.searchers.values()):
+        for b in (*self.encoders.values(), *self.retrievers.values()):
             await b.drain()
         if self._loader is not None:
             await asyncio.wait([self._loader], timeout=30)
@@ -231,13 +254,14 @@ class ServiceState:
         """Several requests in one front-end call and one runtime call: [sum B_i, T, *shape] -> each request's
         rows, or the BadInput of a request whose media the front-end could not use."""
         bundle = self.require_ready()
-        feats = featurize(jobs, bundle, self.frontends)
-        good = [f for f in feats if not isinstance(f, BadInput)]
-        if not good:
-            return feats  # type: ignore[return-value]
-        x = np.concatenate([f[0] for f in good])
-        mask = None if good[0][1] is None else np.concatenate([f[1] for f in good])
-        out = bundle.encode(modality, x, mask)
+        with self._encoding[modality]:
+            feats = featurize(jobs, bundle, self.frontends)
+            good = [f for f in feats if not isinstance(f, BadInput)]
+            if not good:
+                return feats  # type: ignore[return-value]
+            x = np.concatenate([f[0] for f in good])
+            mask = None if good[0][1] is None else np.concatenate([f[1] for f in good])
+            out = bundle.encode(modality, x, mask)
         results: list[dict | BadInput] = []
         start = 0
         for f in feats:
@@ -249,23 +273,28 @@ class ServiceState:
             start += n
         return results
 
-    async def encode(self, modality: str, inputs: Sequence[InputFields], where: str = "inputs") -> list[Encoded]:
-        """INPUTs of one modality -> per input {"layer1" [T], "layer2" [T], "embedding" [E]} (cache, then batcher)."""
+    def _usable(self, modality: str, inputs: Sequence[InputFields], where: str) -> Bundle:
         bundle = self.require_ready()
         if modality in self.features_only and any(item.kind != "features" for item in inputs):
             raise BadInput(f"{where}: this service encodes {modality} from precomputed features only; its front-end "
                            f"is unavailable ({self.features_only[modality]})", code="frontend_unavailable")
+        return bundle
+
+    async def _prepare(self, items: Sequence[InputFields], modality: str, bundle: Bundle, where: str) -> Prepared:
+        if cheap_to_prepare(items):
+            return prepare(items, modality, bundle, where)
+        return await self.run_in(self.decode_pool, prepare, items, modality, bundle, where)
+
+    async def encode(self, modality: str, inputs: Sequence[InputFields], where: str = "inputs") -> list[Encoded]:
+        """INPUTs of one modality -> per input {"layer1" [T], "layer2" [T], "embedding" [E]} (cache, then batcher)."""
+        bundle = self._usable(modality, inputs, where)
         keys = [cache_key(self.bundle_id, modality, item) for item in inputs] if self.cache else []
         found: list[Encoded | None] = await self.cache.get_many(keys) if self.cache else [None] * len(inputs)
         todo = [i for i, hit in enumerate(found) if hit is None]
         if todo:
             batcher = self.encoders[modality]
             with batcher.coming():
-                items = [inputs[i] for i in todo]
-                if cheap_to_prepare(items):
-                    job = prepare(items, modality, bundle, where)
-                else:
-                    job = await self.run_in(self.decode_pool, prepare, items, modality, bundle, where)
+                job = await self._prepare([inputs[i] for i in todo], modality, bundle, where)
                 waiting = batcher.enqueue(job, rows=len(job))
             out = await waiting
             fresh = {}
@@ -277,18 +306,68 @@ class ServiceState:
                 await self.cache.put_many(fresh)
         return found  # type: ignore[return-value]
 
-    # -- search -------------------------------------------------------------------------------------------
-    def _search_batch(self, modality: str, payloads: Sequence[tuple[np.ndarray, int]]) -> list[list[Hit]]:
-        """Catch the index up with the catalog, then search every query of the batch in one call."""
-        assert self.index is not None
-        self.index.sync()
-        k = max(p[1] for p in payloads)
-        hits = self.index.search(modality, np.stack([p[0] for p in payloads]), k)
-        return [h[: p[1]] for h, p in zip(hits, payloads)]
+    # -- retrieval ----------------------------------------------------------------------------------------
+    def _retrieve_batch(self, target: str, queries: Sequence[Search]) -> list[Found | Exception]:
+        """Several /retrieve queries for one target in one thread call: the catalog items queried by id fetched,
+        the content queries encoded (one runtime call per query modality), the index caught up with the catalog,
+        every query searched in one call, and the hits' items fetched at once. Each thread hop a request saves
+        is event-loop time, the service's scarcest (docs/PERFORMANCE.md, Serve)."""
+        assert self.index is not None and self.catalog is not None
+        results: list[Found | Exception | None] = [None] * len(queries)
+        vectors: list[np.ndarray | None] = [q.vector for q in queries]
+        encoded: list[Encoded | None] = [None] * len(queries)
+        by_id = [i for i, q in enumerate(queries) if q.item_id is not None]
+        for i, item in zip(by_id, self.catalog.get_many([queries[i].item_id for i in by_id])):
+            if item is None:
+                results[i] = ItemNotFoundError(f"item {queries[i].item_id!r} not found in catalog {self.catalog.url}")
+            else:
+                vectors[i] = item.embedding
+        for modality in dict.fromkeys(q.job.modality for q in queries if q.job is not None):
+            todo = [i for i, q in enumerate(queries) if q.job is not None and q.job.modality == modality]
+            for i, out in zip(todo, self._encode_batch(modality, [queries[i].job for i in todo])):
+                if isinstance(out, BadInput):
+                    results[i] = out
+                else:
+                    encoded[i] = {k: v[0] for k, v in out.items()}
+                    vectors[i] = encoded[i]["embedding"]
+        live = [i for i, r in enumerate(results) if r is None]
+        if live:
+            self.index.sync()
+            # A query by item asks one more, as it is left out of its own results.
+            ask = {i: queries[i].k + (queries[i].item_id is not None) for i in live}
+            hits = self.index.search(target, np.stack([vectors[i] for i in live]), max(ask.values()))
+            hits = [[(h, s) for h, s in found[: ask[i]] if h != queries[i].item_id][: queries[i].k]
+                    for i, found in zip(live, hits)]
+            ids = list(dict.fromkeys(h for found in hits for h, _ in found))
+            items = dict(zip(ids, self.catalog.get_many(ids)))
+            for i, found in zip(live, hits):
+                # An item deleted since the index last caught up is left out.
+                results[i] = Found([(h, s, items[h]) for h, s in found if items[h] is not None], encoded[i])
+        return results  # type: ignore[return-value]
 
-    async def search(self, target: str, vector: np.ndarray, k: int) -> list[Hit]:
-        self.require_ready()
-        return await self.searchers[target].submit((vector, k))
+    async def retrieve(self, target: str, query: Query, k: int) -> list[tuple[str, float, Item]]:
+        """The k catalog items of modality `target` nearest the query, best first: (id, score, item)."""
+        batcher = self.retrievers[target]
+        key = None
+        if query.item_id is not None:
+            self.require_ready()
+            waiting = batcher.enqueue(Search(k, item_id=query.item_id))
+        else:
+            bundle = self._usable(query.modality, [query], "query")
+            hit = None
+            if self.cache:
+                key = cache_key(self.bundle_id, query.modality, query)
+                hit = (await self.cache.get_many([key]))[0]
+            if hit is not None:
+                waiting = batcher.enqueue(Search(k, vector=hit["embedding"]))
+            else:
+                with batcher.coming():
+                    job = await self._prepare([query], query.modality, bundle, "query")
+                    waiting = batcher.enqueue(Search(k, job=job))
+        found: Found = await waiting
+        if key is not None and found.encoded is not None:
+            await self.cache.put_many({key: found.encoded})  # type: ignore[union-attr]
+        return found.hits
 
     # -- catalog ------------------------------------------------------------------------------------------
     def new_item(self, item_id: str, modality: str, enc: Encoded, metadata: dict) -> Item:
