@@ -320,6 +320,10 @@ def test_concurrent_retrieves_of_every_kind_share_a_batch_and_equal_their_single
     single = [post(sqlite_service, "/retrieve", body) for body in bodies]
     assert [r.status_code for r in single] == [200] * (len(bodies) - 1) + [404]
     assert "rb3" not in [x["id"] for x in single[-2].json()["results"]]  # a query by item leaves that item out
+    # ... also at the largest top_k, where asking the index for one more would pass its limit.
+    largest = post(sqlite_service, "/retrieve", {"query": {"item_id": "rb3"}, "target": "audio", "top_k": 1000})
+    assert largest.status_code == 200, largest.text
+    assert "rb3" not in [x["id"] for x in largest.json()["results"]] and len(largest.json()["results"]) >= 11
     calls, rows = _batcher_counts(sqlite_service, "retrieve-audio")
     encodes = [_batcher_counts(sqlite_service, f"encode-{m}") for m in ("audio", "video", "text")]
 

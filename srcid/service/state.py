@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 
 from srcid.index.catalog import Catalog, open_catalog
-from srcid.index.catalog_index import CatalogIndex, open_index_for_catalog
+from srcid.index.catalog_index import MAX_TOP_K, CatalogIndex, open_index_for_catalog
 from srcid.index.errors import CatalogUnavailableError, ItemNotFoundError
 from srcid.index.items import MODALITIES, Item, make_item
 from srcid.model.frontends import FrontEnd
@@ -317,11 +317,14 @@ class ServiceState:
         vectors: list[np.ndarray | None] = [q.vector for q in queries]
         encoded: list[Encoded | None] = [None] * len(queries)
         by_id = [i for i, q in enumerate(queries) if q.item_id is not None]
+        own: set[int] = set()  # queries by an item of the target modality, which must leave it out of its results
         for i, item in zip(by_id, self.catalog.get_many([queries[i].item_id for i in by_id])):
             if item is None:
                 results[i] = ItemNotFoundError(f"item {queries[i].item_id!r} not found in catalog {self.catalog.url}")
             else:
                 vectors[i] = item.embedding
+                if item.modality == target:
+                    own.add(i)
         for modality in dict.fromkeys(q.job.modality for q in queries if q.job is not None):
             todo = [i for i, q in enumerate(queries) if q.job is not None and q.job.modality == modality]
             for i, out in zip(todo, self._encode_batch(modality, [queries[i].job for i in todo])):
@@ -333,8 +336,8 @@ class ServiceState:
         live = [i for i, r in enumerate(results) if r is None]
         if live:
             self.index.sync()
-            # A query by item asks one more, as it is left out of its own results.
-            ask = {i: queries[i].k + (queries[i].item_id is not None) for i in live}
+            # Such a query asks one more, within the index's limit (so top_k = MAX_TOP_K gets one fewer at most).
+            ask = {i: min(queries[i].k + (i in own), MAX_TOP_K) for i in live}
             hits = self.index.search(target, np.stack([vectors[i] for i in live]), max(ask.values()))
             hits = [[(h, s) for h, s in found[: ask[i]] if h != queries[i].item_id][: queries[i].k]
                     for i, found in zip(live, hits)]
