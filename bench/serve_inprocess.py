@@ -2,12 +2,14 @@
 
     python bench/serve_inprocess.py                      # /encode of [10, 128] features at 64 in flight
     python bench/serve_inprocess.py --concurrency 16 --requests 2000
+    python bench/serve_inprocess.py --endpoint /retrieve --items 100000 --concurrency 16 --rounds 2
 
 Two ways of checking a request's small feature inputs take turns (--rounds, each a fresh measurement on the same
 app): on the event loop (the service's way since `cheap_to_prepare`), and handed to a decode thread and back, as
 every input was before. Each measurement prints req/s and CPU ms per request (process time over all threads,
-so the thread hop's wake-ups and interpreter-lock hand-offs count); the last line gives the ratio of the medians.
-The bench is the only client: nothing else shares the cores.
+so the thread hop's wake-ups and interpreter-lock hand-offs count) and that CPU per thread pool (from /proc); the
+last line gives the ratio of the medians. The bench is the only client: nothing else shares the cores. For
+`/retrieve`, the catalog first gets `--items` random unit vectors per modality (bench/serve.py's fill_catalog).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
-from serve import bodies_for  # the same request bodies as bench/serve.py
+from serve import bodies_for, fill_catalog  # the same request bodies and catalog as bench/serve.py
 
 import srcid.service.state as state_module
 from srcid.service.app import create_app
-from srcid.service.settings import Settings
+from srcid.service.settings import EMBEDDED_BUNDLE, Settings
 
 ON_LOOP = state_module.cheap_to_prepare
 
@@ -43,8 +47,8 @@ def scope_for(path: str, body: bytes) -> dict:
             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
 
 
-async def call(app, body: bytes) -> int:
-    """One POST /encode through the whole ASGI app (middleware, routing, validation, batcher); its status."""
+async def call(app, path: str, body: bytes) -> int:
+    """One POST through the whole ASGI app (middleware, routing, validation, batcher); its status."""
     delivered = False
 
     async def receive() -> dict:
@@ -61,29 +65,43 @@ async def call(app, body: bytes) -> int:
         if message["type"] == "http.response.start":
             status.append(message["status"])
 
-    await app(scope_for("/encode", body), receive, send)
+    await app(scope_for(path, body), receive, send)
     return status[0]
 
 
-async def measure(app, bodies: list[bytes], n: int, concurrency: int) -> dict[str, float]:
+def thread_cpu() -> Counter:
+    """CPU seconds so far per thread pool of this process ("search_0" and "search_1" count as "search")."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    per: Counter = Counter()
+    for tid in os.listdir("/proc/self/task"):
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        per[names.get(int(tid), "other").rsplit("_", 1)[0]] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return per
+
+
+async def measure(app, path: str, bodies: list[bytes], n: int, concurrency: int) -> dict:
     todo = list(range(n))
     failures = 0
 
     async def worker() -> None:
         nonlocal failures
         while todo:
-            failures += await call(app, bodies[todo.pop() % len(bodies)]) != 200
+            failures += await call(app, path, bodies[todo.pop() % len(bodies)]) != 200
 
-    cpu, wall = time.process_time(), time.perf_counter()
+    threads, cpu, wall = thread_cpu(), time.process_time(), time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return {"qps": n / wall, "cpu_ms": 1000 * cpu / n, "failures": failures}
+    per_thread = {name: 1000 * (seconds - threads[name]) / n for name, seconds in thread_cpu().items()}
+    return {"qps": n / wall, "cpu_ms": 1000 * cpu / n, "failures": failures,
+            "threads": {name: ms for name, ms in sorted(per_thread.items()) if ms >= 0.005}}
 
 
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="srcid-bench-") as tmp:
-        settings = Settings(catalog_url=f"sqlite:///{Path(tmp) / 'catalog.db'}", data_dir=Path(tmp), demo_catalog=False,
-                            log_level="warning")
+        catalog_url = f"sqlite:///{Path(tmp) / 'catalog.db'}"
+        if args.endpoint == "/retrieve":
+            fill_catalog(catalog_url, EMBEDDED_BUNDLE, args.items)
+        settings = Settings(catalog_url=catalog_url, data_dir=Path(tmp), demo_catalog=False, log_level="warning")
         app = create_app(settings)
         async with app.router.lifespan_context(app):
             state = app.state.service
@@ -93,23 +111,24 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
             manifest = state.bundle.manifest
             bodies = [json.dumps(body).encode() for body in bodies_for(
-                "/encode", 64, args.modality, manifest.T, list(manifest.modalities[args.modality].shape), seed=0)]
+                args.endpoint, 64, args.modality, manifest.T, list(manifest.modalities[args.modality].shape), seed=0)]
             ways = {"on the event loop": ON_LOOP, "in a decode thread": always_a_thread}
             figures: dict[str, list[dict]] = {name: [] for name in ways}
             for name, way in ways.items():  # warm-up: the runtime sees this load's batch sizes
                 state_module.cheap_to_prepare = way
-                await measure(app, bodies, args.requests // 4, args.concurrency)
+                await measure(app, args.endpoint, bodies, args.requests // 4, args.concurrency)
             for r in range(args.rounds):
                 for name, way in ways.items():
                     state_module.cheap_to_prepare = way
-                    f = await measure(app, bodies, args.requests, args.concurrency)
+                    f = await measure(app, args.endpoint, bodies, args.requests, args.concurrency)
                     figures[name].append(f)
+                    threads = "  ".join(f"{k} {v:.3f}" for k, v in f["threads"].items())
                     print(f"round {r + 1}  checks {name:18s} {f['qps']:7.0f} req/s  {f['cpu_ms']:.3f} ms CPU/request"
-                          f"  failures {f['failures']}", flush=True)
+                          f"  failures {f['failures']}  by thread (ms/request): {threads}", flush=True)
             state_module.cheap_to_prepare = ON_LOOP
     med = {name: {k: statistics.median(f[k] for f in fs) for k in ("qps", "cpu_ms")} for name, fs in figures.items()}
     loop, thread = med["on the event loop"], med["in a decode thread"]
-    print(f"/encode at {args.concurrency} in flight, medians of {args.rounds}: checks on the event loop "
+    print(f"{args.endpoint} at {args.concurrency} in flight, medians of {args.rounds}: checks on the event loop "
           f"{loop['qps']:.0f} req/s, {loop['cpu_ms']:.3f} ms CPU/request; in a decode thread {thread['qps']:.0f} req/s, "
           f"{thread['cpu_ms']:.3f} ms: {loop['qps'] / thread['qps']:.2f}x throughput, "
           f"{thread['cpu_ms'] - loop['cpu_ms']:.3f} ms CPU/request saved")
@@ -117,6 +136,8 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--endpoint", default="/encode", choices=["/encode", "/retrieve"])
+    parser.add_argument("--items", type=int, default=100_000, help="with /retrieve: catalog items per modality")
     parser.add_argument("--modality", default="audio", help="modality of the request features (default audio)")
     parser.add_argument("--requests", type=int, default=4000, help="requests per measurement")
     parser.add_argument("--concurrency", type=int, default=64)
