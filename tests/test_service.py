@@ -39,6 +39,12 @@ def post(server, path: str, body, **kw) -> httpx.Response:
     return httpx.post(server.url + path, json=body, timeout=60, **kw)
 
 
+def metric_values(server) -> dict[str, float]:
+    """Every sample of the server's /metrics: 'name{labels}' -> value."""
+    text = httpx.get(server.url + "/metrics").text
+    return {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if not ln.startswith("#")}
+
+
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -112,8 +118,7 @@ def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, ref
 
     def batches() -> dict[str, float]:
         """count and sum of the encode-audio batcher's histograms: rows per call, queue wait, call duration."""
-        text = httpx.get(sqlite_service.url + "/metrics").text
-        line = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if not ln.startswith("#")}
+        line = metric_values(sqlite_service)
         return {f"{name}_{part}": line[f'srcid_{name}_{part}{{batcher="encode-audio"}}']
                 for name in ("batch_rows", "queue_wait_seconds", "batch_run_seconds") for part in ("count", "sum")}
 
@@ -301,8 +306,7 @@ def test_items_round_trip_and_retrieve(sqlite_service, reference):
 
 def _batcher_counts(server, name: str) -> tuple[float, float]:
     """(calls, rows) of a batcher so far, from /metrics."""
-    text = httpx.get(server.url + "/metrics").text
-    line = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if not ln.startswith("#")}
+    line = metric_values(server)
     return tuple(line.get(f'srcid_batch_rows_{part}{{batcher="{name}"}}', 0.0) for part in ("count", "sum"))
 
 
