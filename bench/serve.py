@@ -7,6 +7,7 @@ on with other settings.
     python bench/serve.py --paper-dims --modality text  # an untrained bundle at the paper's dims, text features
     python bench/serve.py --index-kind ivf              # approximate search (SRCID_INDEX_KIND=ivf)
     python bench/serve.py --versus INDEX_BACKEND=faiss-cpu  # the default settings vs faiss's flat index
+    python bench/serve.py --features-as b64             # features sent as float32 bytes (features_b64)
     python bench/serve.py --workers 2                   # both servers with two worker processes
     python bench/serve.py --versus WORKERS=2            # one worker process vs two, batching on
 
@@ -18,15 +19,16 @@ both started before the first measurement; measurements alternate between them (
 server works at a time and both see the same machine conditions. The catalog gets `--items` random unit vectors
 per modality through the catalog API (not HTTP) before the servers start; every server indexes the same catalog.
 Load is bounded: `--requests` requests per (endpoint, concurrency), spread over that many concurrent workers.
-Requests carry precomputed features of `--modality` ([T, D...]), so the figures are of the service and runtime,
-not of media decoding; /retrieve searches another modality's items. Ratios printed at the end compare the two
-configurations measured in this run.
+Requests carry precomputed features of `--modality` ([T, D...]; a nested JSON list, or float32 bytes with
+`--features-as b64`), so the figures are of the service and runtime, not of media decoding; /retrieve searches
+another modality's items. Ratios printed at the end compare the two configurations measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -199,16 +201,21 @@ def stage_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return means
 
 
-def bodies_for(endpoint: str, n: int, modality: str, T: int, shape: list[int], seed: int) -> list[dict]:
+def bodies_for(endpoint: str, n: int, modality: str, T: int, shape: list[int], seed: int,
+               features_as: str = "list") -> list[dict]:
+    """n request bodies, each with one input of random features [T, *shape]: a nested list of numbers rounded to 4
+    decimals (`features`), or float32 bytes (`features_b64`) with `features_as="b64"`."""
     rng = np.random.default_rng(seed)
     target = "video" if modality != "video" else "audio"
     out = []
     for _ in range(n):
-        features = np.round(rng.standard_normal((T, *shape)), 4).tolist()
+        x = np.round(rng.standard_normal((T, *shape)), 4)
+        given = ({"features": x.tolist()} if features_as == "list"
+                 else {"features_b64": base64.b64encode(x.astype("<f4").tobytes()).decode()})
         if endpoint == "/encode":
-            out.append({"modality": modality, "inputs": [{"features": features}]})
+            out.append({"modality": modality, "inputs": [given]})
         else:
-            out.append({"query": {"modality": modality, "features": features}, "target": target, "top_k": 10})
+            out.append({"query": {"modality": modality, **given}, "target": target, "top_k": 10})
     return out
 
 
@@ -233,6 +240,8 @@ def main() -> int:
     parser.add_argument("--paper-dims", action="store_true",
                         help="instead of --bundle: export an untrained bundle at the paper's dims (hidden 256, ...)")
     parser.add_argument("--modality", default="audio", help="modality of the request features (default audio)")
+    parser.add_argument("--features-as", default="list", choices=["list", "b64"],
+                        help="request features as a nested JSON list (`features`) or float32 bytes (`features_b64`)")
     parser.add_argument("--index-kind", default="flat", choices=["flat", "ivf"], help="SRCID_INDEX_KIND of the servers")
     parser.add_argument("--items", type=int, default=100_000, help="catalog items per modality")
     parser.add_argument("--requests", type=int, default=640, help="requests per endpoint and concurrency")
@@ -268,7 +277,7 @@ def main() -> int:
                                            tmp / f"{name}.log")
             for endpoint in ("/encode", "/retrieve"):
                 for c in args.concurrency:
-                    bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c)
+                    bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c, features_as=args.features_as)
                     for _ in range(args.rounds):
                         for i, name in enumerate(configs):
                             before = stage_sums(args.port + i)
@@ -308,8 +317,8 @@ def main() -> int:
                   f"p99 {first['p99_ms']:.1f} / {second['p99_ms']:.1f} ms")
     info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "items_per_modality": args.items,
             "requests": args.requests, "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
-            "modality": args.modality, "index_kind": args.index_kind, "workers": args.workers, "configurations": configs,
-            "results": results}
+            "modality": args.modality, "features_as": args.features_as, "index_kind": args.index_kind,
+            "workers": args.workers, "configurations": configs, "results": results}
     if args.out:
         args.out.write_text(json.dumps(info, indent=1))
     return 0

@@ -111,7 +111,8 @@ async def run(args: argparse.Namespace) -> None:
                 await asyncio.sleep(0.05)
             manifest = state.bundle.manifest
             bodies = [json.dumps(body).encode() for body in bodies_for(
-                args.endpoint, 64, args.modality, manifest.T, list(manifest.modalities[args.modality].shape), seed=0)]
+                args.endpoint, 64, args.modality, manifest.T, list(manifest.modalities[args.modality].shape), seed=0,
+                features_as=args.features_as)]
             ways = {"on the event loop": ON_LOOP, "in a decode thread": always_a_thread}
             figures: dict[str, list[dict]] = {name: [] for name in ways}
             for name, way in ways.items():  # warm-up: the runtime sees this load's batch sizes
@@ -139,6 +140,8 @@ def main() -> int:
     parser.add_argument("--endpoint", default="/encode", choices=["/encode", "/retrieve"])
     parser.add_argument("--items", type=int, default=100_000, help="with /retrieve: catalog items per modality")
     parser.add_argument("--modality", default="audio", help="modality of the request features (default audio)")
+    parser.add_argument("--features-as", default="list", choices=["list", "b64"],
+                        help="request features as a nested JSON list (`features`) or float32 bytes (`features_b64`)")
     parser.add_argument("--requests", type=int, default=4000, help="requests per measurement")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4, help="alternating measurements per way")

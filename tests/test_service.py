@@ -14,10 +14,9 @@ from conftest import SERVICE_API_KEY
 from test_service_support import b64, image_bytes, mp4_bytes, png_claiming, random_features, wav_bytes
 
 from srcid.runtime import load_bundle
-from srcid.service.media import build_frontends
+from srcid.service.media import build_frontends, cache_key, to_features
 from srcid.service.models import InputFields
 from srcid.service.state import GC_YOUNG_THRESHOLD
-from srcid.service.media import to_features
 
 AUTH = {"Authorization": f"Bearer {SERVICE_API_KEY}"}
 
@@ -102,6 +101,32 @@ def test_encode_equals_the_runtime_on_every_input_kind(sqlite_service, reference
         assert len(item["layer1"]) == 10
         np.testing.assert_allclose(item["embedding"], want["embedding"][i], atol=1e-5)
         assert abs(np.linalg.norm(item["embedding"]) - 1) < 1e-4
+
+
+def test_features_as_float32_bytes_answer_as_the_nested_list_does(sqlite_service, reference):
+    """`features_b64` (little-endian float32, row-major, base64) is the same input as `features`, mask included."""
+    bundle, _ = reference
+    for modality, x, mask in [("audio", random_features("audio", 11), None),
+                              ("text", random_features("text", 12), [True] * 4 + [False] * 6)]:
+        with_mask = {} if mask is None else {"mask": mask}
+        inputs = [{"features": x.tolist(), **with_mask}, {"features_b64": b64(x.astype("<f4").tobytes()), **with_mask}]
+        r = post(sqlite_service, "/encode", {"modality": modality, "inputs": inputs, "return_embedding": True})
+        assert r.status_code == 200, r.text
+        listed, packed = r.json()["items"]
+        want = bundle.encode(modality, x[None], None if mask is None else np.array([mask]))
+        assert packed["layer1"] == want["layer1"][0].tolist() and packed["layer2"] == want["layer2"][0].tolist()
+        np.testing.assert_allclose(packed["embedding"], want["embedding"][0], atol=1e-5)
+        assert packed == listed
+
+
+def test_encode_cache_keys_tell_masks_and_kinds_of_features_apart():
+    x = random_features("text", 1)
+    listed, packed = {"features": x.tolist()}, {"features_b64": b64(x.tobytes())}
+    masks = [None, [True] * 10, [True] * 4 + [False] * 6]
+    inputs = [InputFields(**given, **({} if m is None else {"mask": m})) for given in (listed, packed) for m in masks]
+    keys = [cache_key("v1-bundle", "text", item) for item in inputs]
+    assert len(set(keys)) == len(inputs)
+    assert keys == [cache_key("v1-bundle", "text", InputFields(**item.model_dump(exclude_none=True))) for item in inputs]
 
 
 def test_encode_leaves_out_the_embedding_unless_asked(sqlite_service):
@@ -196,6 +221,16 @@ BAD_REQUESTS = [
     ("wrong feature shape", {"modality": "audio", "inputs": [{"features": [[0.0] * 64] * 10}]}, 400, "bad_features"),
     ("ragged features", {"modality": "audio", "inputs": [{"features": [[0.0] * 128, [0.0]]}]}, 400, "bad_features"),
     ("string features", {"modality": "audio", "inputs": [{"features": [["a"] * 128] * 10}]}, 400, "bad_features"),
+    ("features_b64 of the wrong length", {"modality": "audio", "inputs": [{"features_b64": b64(bytes(4 * 1279))}]},
+     400, "bad_features"),
+    ("features_b64 of float64", {"modality": "audio", "inputs": [{"features_b64": b64(bytes(8 * 1280))}]},
+     400, "bad_features"),
+    ("features_b64 not base64", {"modality": "audio", "inputs": [{"features_b64": "***"}]}, 400, "bad_base64"),
+    ("empty features_b64", {"modality": "audio", "inputs": [{"features_b64": ""}]}, 400, "empty_input"),
+    ("features and features_b64", {"modality": "audio", "inputs": [{"features": [[0.0] * 128] * 10,
+                                                                     "features_b64": b64(bytes(4 * 1280))}]},
+     422, "invalid_request"),
+    ("mask without features", {"modality": "text", "inputs": [{"text": "one", "mask": [True]}]}, 422, "invalid_request"),
     ("empty inputs", {"modality": "text", "inputs": []}, 422, "invalid_request"),
     ("empty text", {"modality": "text", "inputs": [{"text": "   "}]}, 400, "empty_input"),
     ("empty base64", {"modality": "audio", "inputs": [{"audio_b64": ""}]}, 400, "empty_input"),
@@ -220,6 +255,13 @@ def test_oversized_video_frames_get_400_before_decoding(sqlite_service, monkeypa
 def test_nan_features_get_400(sqlite_service):
     r = httpx.post(sqlite_service.url + "/encode", content=_nan_features(), headers={"content-type": "application/json"})
     assert "NaN" in assert_error(r, 400, "bad_features")["message"]
+
+
+def test_nan_in_float32_bytes_gets_400(sqlite_service):
+    x = random_features("audio", 3)
+    x[4, 17] = np.inf
+    r = post(sqlite_service, "/encode", {"modality": "audio", "inputs": [{"features_b64": b64(x.tobytes())}]})
+    assert "NaN/inf" in assert_error(r, 400, "bad_features")["message"]
 
 
 def test_not_json_and_unknown_routes(sqlite_service):

@@ -11,6 +11,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,9 +25,9 @@ from srcid.model.frontends import (
 from srcid.runtime import Bundle
 
 from .errors import BadInput
-from .models import InputFields
+from .models import FEATURE_FIELDS, InputFields
 
-# Which INPUT fields carry media of which modality (`features` fits every modality).
+# Which INPUT fields carry media of which modality (features, either kind, fit every modality).
 MEDIA_MODALITY = {"text": "text", "audio_b64": "audio", "video_b64": "video", "frames_b64": "video"}
 
 
@@ -74,23 +75,39 @@ def cache_key(bundle_id: str, modality: str, item: InputFields) -> str:
     h = hashlib.sha256(f"{bundle_id}\0{modality}\0{item.kind}\0".encode())
     value = getattr(item, item.kind)
     if item.kind == "features":
-        h.update(json.dumps([value, item.mask], separators=(",", ":")).encode())
+        h.update(json.dumps(value, separators=(",", ":")).encode())
     elif item.kind == "frames_b64":
         for frame in value:
             h.update(frame.encode() + b"\0")
     else:
         h.update(value.encode())
+    if item.mask is not None:
+        h.update(b"\0mask" + bytes(item.mask))
     return h.hexdigest()
 
 
-def _features(item: InputFields, bundle: Bundle, modality: str, where: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """`features` [T, *shape] (+ `mask` [T]) as a batch of one, checked against the bundle."""
+def _feature_array(item: InputFields, bundle: Bundle, modality: str, where: str) -> np.ndarray:
+    """The input's features as sent: a nested list, or float32 bytes of exactly [T, *shape]."""
+    if item.kind == "features_b64":
+        data = b64(item.features_b64, f"{where}.features_b64")
+        shape = (bundle.manifest.T, *bundle.manifest.modalities[modality].shape)
+        size = 4 * math.prod(shape)
+        if len(data) != size:
+            raise BadInput(f"{where}.features_b64: {len(data)} bytes; {modality} features {list(shape)} as float32 are "
+                           f"{size} bytes", code="bad_features")
+        return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
     try:
         x = np.asarray(item.features)
     except ValueError as exc:
         raise BadInput(f"{where}.features: not a rectangular nested list ({exc})", code="bad_features") from None
     if x.dtype == object or x.dtype.kind not in "fiu" or x.dtype == bool:
         raise BadInput(f"{where}.features: must be a nested list of numbers [T][D...]", code="bad_features")
+    return x
+
+
+def _features(item: InputFields, bundle: Bundle, modality: str, where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`features` or `features_b64` [T, *shape] (+ `mask` [T]) as a batch of one, checked against the bundle."""
+    x = _feature_array(item, bundle, modality, where)
     mask = None if item.mask is None else np.asarray(item.mask, dtype=bool)[None]
     try:
         return bundle.check_input(modality, x[None], mask)
@@ -183,11 +200,14 @@ def _leading_size(value: Any) -> int:
 
 
 def cheap_to_prepare(items: Sequence[InputFields]) -> bool:
-    """Whether `prepare(items)` is cheaper than a thread hop: only features and text, INLINE_PREPARE_SIZE at most."""
+    """Whether `prepare(items)` is cheaper than a thread hop: only features (either kind) and text,
+    INLINE_PREPARE_SIZE at most."""
     size = 0
     for item in items:
         if item.kind == "features":
             size += _leading_size(item.features)
+        elif item.kind == "features_b64":
+            size += len(item.features_b64) * 3 // 16  # base64 -> bytes -> float32 numbers
         elif item.kind == "text":
             size += len(item.text)
         else:
@@ -196,7 +216,7 @@ def cheap_to_prepare(items: Sequence[InputFields]) -> bool:
 
 
 def prepare(items: Sequence[InputFields], modality: str, bundle: Bundle, where: str = "inputs") -> Prepared:
-    """Decode base64 and media and check `features` (per request: in a decode thread, or on the event loop when
+    """Decode base64 and media and check features (per request: in a decode thread, or on the event loop when
     `cheap_to_prepare`); raises `BadInput`."""
     if modality not in bundle.manifest.modalities:
         raise BadInput(f"modality {modality!r}: this bundle encodes {bundle.modalities}", code="wrong_modality")
@@ -204,7 +224,7 @@ def prepare(items: Sequence[InputFields], modality: str, bundle: Bundle, where: 
     job = Prepared(modality, [None] * len(items), [], where)
     for i, item in enumerate(items):
         label = f"{where}[{i}]"
-        if item.kind == "features":
+        if item.kind in FEATURE_FIELDS:
             job.rows[i] = _features(item, bundle, modality, label)
             continue
         if MEDIA_MODALITY[item.kind] != modality:

@@ -7,15 +7,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Modality = Literal["audio", "video", "text"]
-INPUT_FIELDS = ("text", "audio_b64", "video_b64", "frames_b64", "features")
+INPUT_FIELDS = ("text", "audio_b64", "video_b64", "frames_b64", "features", "features_b64")
+FEATURE_FIELDS = ("features", "features_b64")
 
 
 ONE_INPUT = [{"required": [f]} for f in INPUT_FIELDS]
-MASK_NEEDS_FEATURES = {"mask": ["features"]}
+MASK_NEEDS_FEATURES = {"mask": {"anyOf": [{"required": [f]} for f in FEATURE_FIELDS]}}
 
 
 class InputFields(BaseModel):
-    """One INPUT: exactly one of the five fields below."""
+    """One INPUT: exactly one of the six fields below (`mask` goes with either kind of features)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": ONE_INPUT, "dependencies": MASK_NEEDS_FEATURES})
 
@@ -25,7 +26,9 @@ class InputFields(BaseModel):
     video_b64: str = Field(None, description="an MP4/WebM file, base64")  # type: ignore[assignment]
     frames_b64: list[str] = Field(None, description="base64 PNG/JPEG frames, one per second")  # type: ignore[assignment]
     features: list[Any] = Field(None, description="precomputed features, nested list [T][D...]")  # type: ignore[assignment]
-    mask: list[bool] = Field(None, description="with `features` of a masked modality: [T], true = real step")  # type: ignore[assignment]
+    features_b64: str = Field(None, description="precomputed features [T][D...] as little-endian float32 bytes, "  # type: ignore[assignment]
+                              "row-major, base64: the same input as `features`, smaller and cheaper to parse")
+    mask: list[bool] = Field(None, description="with features of a masked modality: [T], true = real step")  # type: ignore[assignment]
 
     @property
     def kind(self) -> str:
@@ -40,8 +43,8 @@ def _check_one_input(model: InputFields) -> Any:
     given = [f for f in INPUT_FIELDS if getattr(model, f) is not None]
     if len(given) != 1:
         raise ValueError(f"an input needs exactly one of {list(INPUT_FIELDS)}, got {given or 'none'}")
-    if model.mask is not None and model.features is None:
-        raise ValueError("mask goes only with features")
+    if model.mask is not None and model.kind not in FEATURE_FIELDS:
+        raise ValueError("mask goes only with features or features_b64")
     return model
 
 

@@ -31,7 +31,7 @@ from .cache import EncodeCache, Encoded
 from .errors import BadInput, NotReady
 from .media import Prepared, build_frontends, bundle_id, cache_key, cheap_to_prepare, featurize, prepare
 from .metrics import Metrics
-from .models import InputFields, Query
+from .models import FEATURE_FIELDS, InputFields, Query
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class ServiceState:
 
     def _usable(self, modality: str, inputs: Sequence[InputFields], where: str) -> Bundle:
         bundle = self.require_ready()
-        if modality in self.features_only and any(item.kind != "features" for item in inputs):
+        if modality in self.features_only and any(item.kind not in FEATURE_FIELDS for item in inputs):
             raise BadInput(f"{where}: this service encodes {modality} from precomputed features only; its front-end "
                            f"is unavailable ({self.features_only[modality]})", code="frontend_unavailable")
         return bundle
