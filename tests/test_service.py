@@ -394,6 +394,52 @@ def test_concurrent_retrieves_of_every_kind_share_a_batch_and_equal_their_single
     assert [_batcher_counts(sqlite_service, f"encode-{m}") for m in ("audio", "video", "text")] == encodes
 
 
+def test_a_retrieve_query_without_direction_fails_alone(sqlite_service, monkeypatch):
+    """A query whose embedding is zero or NaN (a degenerate encoding) gets 400 `bad_embedding`; the other queries
+    of its batch get the answers they get alone."""
+    items = [_item(f"dz{i}", "audio", 500 + i) for i in range(6)]
+    assert post(sqlite_service, "/items", {"items": items}, headers=AUTH).status_code == 201
+    good = [{"query": {"modality": "audio", "features": random_features("audio", 520 + i).tolist()}, "target": "audio",
+             "top_k": 3} for i in range(6)]
+    alone = [post(sqlite_service, "/retrieve", body).json()["results"] for body in good]
+    degenerate = ([{"query": {"modality": "video", "features": random_features("video", 540 + i).tolist()},
+                    "target": "audio"} for i in range(3)]
+                  + [{"query": {"modality": "text", "text": word}, "target": "audio"} for word in ("one", "two", "six")])
+    state = sqlite_service.state
+    encode_batch, retrieve_batch = state._encode_batch, state._retrieve_batch
+    mixed = []
+
+    def broken_encoder(modality, jobs):  # video encodes to zero vectors, text to NaN
+        out = encode_batch(modality, jobs)
+        for o in out:
+            if modality != "audio" and not isinstance(o, Exception):
+                o["embedding"] = np.full_like(o["embedding"], 0.0 if modality == "video" else np.nan)
+        return out
+
+    def recording(target, queries):
+        mixed.append(len({q.job.modality for q in queries if q.job is not None}) > 1)
+        return retrieve_batch(target, queries)
+
+    monkeypatch.setattr(state, "_encode_batch", broken_encoder)
+    monkeypatch.setattr(state, "_retrieve_batch", recording)
+
+    async def fire():
+        async with httpx.AsyncClient(base_url=sqlite_service.url, timeout=120) as client:
+            return await asyncio.gather(*[client.post("/retrieve", json=body) for body in good + degenerate])
+
+    for _ in range(5):  # until one batch held queries of both kinds
+        answers = asyncio.run(fire())
+        for a, want in zip(answers[: len(good)], alone):
+            assert a.status_code == 200, a.text
+            assert [x["id"] for x in a.json()["results"]] == [x["id"] for x in want]
+            np.testing.assert_allclose([x["score"] for x in a.json()["results"]], [x["score"] for x in want], atol=1e-5)
+        for a in answers[len(good):]:
+            assert "no direction" in assert_error(a, 400, "bad_embedding")["message"]
+        if any(mixed):
+            break
+    assert any(mixed), "no batch held a degenerate query with good ones"
+
+
 BAD_RETRIEVES = [
     ("unknown item", {"query": {"item_id": "no-such-item"}, "target": "audio"}, 404, "not_found"),
     ("unknown target", {"query": {"item_id": "x"}, "target": "smell"}, 422, "invalid_request"),

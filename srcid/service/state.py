@@ -21,8 +21,8 @@ import numpy as np
 
 from srcid.index.catalog import Catalog, open_catalog
 from srcid.index.catalog_index import MAX_TOP_K, CatalogIndex, open_index_for_catalog
-from srcid.index.errors import CatalogUnavailableError, ItemNotFoundError
-from srcid.index.items import MODALITIES, Item, make_item
+from srcid.index.errors import BadEmbeddingError, CatalogUnavailableError, ItemNotFoundError
+from srcid.index.items import MIN_NORM, MODALITIES, Item, make_item
 from srcid.model.frontends import FrontEnd
 from srcid.runtime import Bundle, load_bundle
 
@@ -334,6 +334,12 @@ class ServiceState:
                     encoded[i] = {k: v[0] for k, v in out.items()}
                     vectors[i] = encoded[i]["embedding"]
         live = [i for i, r in enumerate(results) if r is None]
+        # A query without a direction (a zero or NaN embedding, from a degenerate encoding or a corrupt cache entry)
+        # fails alone; the index would refuse the whole batch for it.
+        for i, norm in zip(live, np.linalg.norm(np.stack([vectors[i] for i in live]), axis=1) if live else []):
+            if not (np.isfinite(norm) and norm >= MIN_NORM):
+                results[i] = BadEmbeddingError(f"query: its embedding has norm {norm:.3g}, no direction to search")
+        live = [i for i in live if results[i] is None]
         if live:
             self.index.sync()
             # Such a query asks one more, within the index's limit (so top_k = MAX_TOP_K gets one fewer at most).
