@@ -3,10 +3,12 @@
     python bench/serve_inprocess.py                      # /encode of [10, 128] features at 64 in flight
     python bench/serve_inprocess.py --concurrency 16 --requests 2000
     python bench/serve_inprocess.py --endpoint /retrieve --items 100000 --concurrency 16 --rounds 2
+    python bench/serve_inprocess.py --compare features   # features_b64 against a nested JSON list
 
-Two ways of checking a request's small feature inputs take turns (--rounds, each a fresh measurement on the same
-app): on the event loop (the service's way since `cheap_to_prepare`), and handed to a decode thread and back, as
-every input was before. Each measurement prints req/s and CPU ms per request (process time over all threads,
+Two ways take turns (--rounds, each a fresh measurement on the same app). `--compare checks` (the default): a
+request's small feature inputs checked on the event loop (the service's way since `cheap_to_prepare`), or handed
+to a decode thread and back, as every input was before. `--compare features`: features sent as float32 bytes
+(`features_b64`) or as a nested JSON list (`features`). Each measurement prints req/s and CPU ms per request (process time over all threads,
 so the thread hop's wake-ups and interpreter-lock hand-offs count) and that CPU per thread pool (from /proc); the
 last line gives the ratio of the medians. The bench is the only client: nothing else shares the cores. For
 `/retrieve`, the catalog first gets `--items` random unit vectors per modality (bench/serve.py's fill_catalog).
@@ -110,29 +112,37 @@ async def run(args: argparse.Namespace) -> None:
                     raise SystemExit(f"service failed to load: {state.error}")
                 await asyncio.sleep(0.05)
             manifest = state.bundle.manifest
-            bodies = [json.dumps(body).encode() for body in bodies_for(
-                args.endpoint, 64, args.modality, manifest.T, list(manifest.modalities[args.modality].shape), seed=0,
-                features_as=args.features_as)]
-            ways = {"on the event loop": ON_LOOP, "in a decode thread": always_a_thread}
+
+            def bodies(features_as: str) -> list[bytes]:
+                return [json.dumps(body).encode() for body in bodies_for(
+                    args.endpoint, 64, args.modality, manifest.T, list(manifest.modalities[args.modality].shape),
+                    seed=0, features_as=features_as)]
+
+            # name -> (how small inputs are checked, the request bodies)
+            if args.compare == "checks":
+                ways = {"checks on the event loop": (ON_LOOP, bodies(args.features_as)),
+                        "checks in a decode thread": (always_a_thread, bodies(args.features_as))}
+            else:
+                ways = {"features as float32 b64": (ON_LOOP, bodies("b64")),
+                        "features as a JSON list": (ON_LOOP, bodies("list"))}
             figures: dict[str, list[dict]] = {name: [] for name in ways}
-            for name, way in ways.items():  # warm-up: the runtime sees this load's batch sizes
-                state_module.cheap_to_prepare = way
-                await measure(app, args.endpoint, bodies, args.requests // 4, args.concurrency)
+            for check, sent in ways.values():  # warm-up: the runtime sees this load's batch sizes
+                state_module.cheap_to_prepare = check
+                await measure(app, args.endpoint, sent, args.requests // 4, args.concurrency)
             for r in range(args.rounds):
-                for name, way in ways.items():
-                    state_module.cheap_to_prepare = way
-                    f = await measure(app, args.endpoint, bodies, args.requests, args.concurrency)
+                for name, (check, sent) in ways.items():
+                    state_module.cheap_to_prepare = check
+                    f = await measure(app, args.endpoint, sent, args.requests, args.concurrency)
                     figures[name].append(f)
                     threads = "  ".join(f"{k} {v:.3f}" for k, v in f["threads"].items())
-                    print(f"round {r + 1}  checks {name:18s} {f['qps']:7.0f} req/s  {f['cpu_ms']:.3f} ms CPU/request"
+                    print(f"round {r + 1}  {name:25s} {f['qps']:7.0f} req/s  {f['cpu_ms']:.3f} ms CPU/request"
                           f"  failures {f['failures']}  by thread (ms/request): {threads}", flush=True)
             state_module.cheap_to_prepare = ON_LOOP
     med = {name: {k: statistics.median(f[k] for f in fs) for k in ("qps", "cpu_ms")} for name, fs in figures.items()}
-    loop, thread = med["on the event loop"], med["in a decode thread"]
-    print(f"{args.endpoint} at {args.concurrency} in flight, medians of {args.rounds}: checks on the event loop "
-          f"{loop['qps']:.0f} req/s, {loop['cpu_ms']:.3f} ms CPU/request; in a decode thread {thread['qps']:.0f} req/s, "
-          f"{thread['cpu_ms']:.3f} ms: {loop['qps'] / thread['qps']:.2f}x throughput, "
-          f"{thread['cpu_ms'] - loop['cpu_ms']:.3f} ms CPU/request saved")
+    (first, a), (second, b) = med.items()
+    print(f"{args.endpoint} at {args.concurrency} in flight, medians of {args.rounds}: {first} {a['qps']:.0f} req/s, "
+          f"{a['cpu_ms']:.3f} ms CPU/request; {second} {b['qps']:.0f} req/s, {b['cpu_ms']:.3f} ms: "
+          f"the first {a['qps'] / b['qps']:.2f}x the throughput, {b['cpu_ms'] - a['cpu_ms']:.3f} ms less CPU a request")
 
 
 def main() -> int:
@@ -140,8 +150,11 @@ def main() -> int:
     parser.add_argument("--endpoint", default="/encode", choices=["/encode", "/retrieve"])
     parser.add_argument("--items", type=int, default=100_000, help="with /retrieve: catalog items per modality")
     parser.add_argument("--modality", default="audio", help="modality of the request features (default audio)")
+    parser.add_argument("--compare", default="checks", choices=["checks", "features"],
+                        help="checks: small inputs checked on the event loop vs in a decode thread; features: features "
+                        "sent as float32 bytes (features_b64) vs as a nested JSON list")
     parser.add_argument("--features-as", default="list", choices=["list", "b64"],
-                        help="request features as a nested JSON list (`features`) or float32 bytes (`features_b64`)")
+                        help="with --compare checks: features as a nested JSON list or float32 bytes")
     parser.add_argument("--requests", type=int, default=4000, help="requests per measurement")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4, help="alternating measurements per way")
