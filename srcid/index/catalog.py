@@ -47,8 +47,12 @@ class Catalog(ABC):
         """One item; ItemNotFoundError if absent."""
         found = self.get_many([item_id])[0]
         if found is None:
-            raise ItemNotFoundError(f"item {item_id!r} not found in catalog {self.url}")
+            raise self.not_found(item_id)
         return found
+
+    def not_found(self, item_id: str) -> ItemNotFoundError:
+        """The error for an id this catalog does not hold (404 in the service)."""
+        return ItemNotFoundError(f"item {item_id!r} not found in catalog {self.url}")
 
     @abstractmethod
     def count(self, modality: str | None = None) -> int:

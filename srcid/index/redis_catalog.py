@@ -27,7 +27,6 @@ from srcid.index.errors import (
     CatalogError,
     CatalogUnavailableError,
     DuplicateIdError,
-    ItemNotFoundError,
     NotDurableError,
 )
 from srcid.index.items import Change, Item, check_batch
@@ -171,7 +170,7 @@ class RedisCatalog(Catalog):
             with self._errors():
                 return int(self._delete(keys=keys, args=[self.prefix, item_id]))
         except redis.ResponseError:
-            raise ItemNotFoundError(f"item {item_id!r} not found in catalog {self.url}") from None
+            raise self.not_found(item_id) from None
 
     def _item(self, fields: dict[bytes, bytes]) -> Item:
         return Item(

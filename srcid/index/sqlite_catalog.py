@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from srcid.index.catalog import Catalog, resolve_binding
-from srcid.index.errors import CatalogUnavailableError, DuplicateIdError, ItemNotFoundError
+from srcid.index.errors import CatalogUnavailableError, DuplicateIdError
 from srcid.index.items import Change, Item, check_batch
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class SqliteCatalog(Catalog):
             with self._write() as db:
                 row = db.execute("SELECT key, modality FROM items WHERE id = ?", (item_id,)).fetchone()
                 if row is None:
-                    raise ItemNotFoundError(f"item {item_id!r} not found in catalog {self.url}")
+                    raise self.not_found(item_id)
                 version = self._version(db) + 1
                 db.execute("DELETE FROM items WHERE key = ?", (row[0],))
                 db.execute(

@@ -21,7 +21,7 @@ import numpy as np
 
 from srcid.index.catalog import Catalog, open_catalog
 from srcid.index.catalog_index import MAX_TOP_K, CatalogIndex, open_index_for_catalog
-from srcid.index.errors import BadEmbeddingError, CatalogUnavailableError, ItemNotFoundError
+from srcid.index.errors import BadEmbeddingError, CatalogUnavailableError
 from srcid.index.items import MIN_NORM, MODALITIES, Item, make_item
 from srcid.model.frontends import FrontEnd
 from srcid.runtime import Bundle, load_bundle
@@ -320,7 +320,7 @@ class ServiceState:
         own: set[int] = set()  # queries by an item of the target modality, which must leave it out of its results
         for i, item in zip(by_id, self.catalog.get_many([queries[i].item_id for i in by_id])):
             if item is None:
-                results[i] = ItemNotFoundError(f"item {queries[i].item_id!r} not found in catalog {self.catalog.url}")
+                results[i] = self.catalog.not_found(queries[i].item_id)
             else:
                 vectors[i] = item.embedding
                 if item.modality == target:
