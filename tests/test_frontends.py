@@ -316,6 +316,18 @@ def test_minilm_word_vectors_are_its_sentence_embeddings_of_each_word(minilm):
         minilm(["ok", "   "])
 
 
+def test_word_cache_keeps_only_the_most_recently_used_words(minilm):
+    """Clients' text cannot grow the word cache past `cache_words`; evicted words encode as before."""
+    fe = get_frontend("minilm", T=4, device="cpu", cache_words=3)
+    first = fe(["one two three"]).values
+    fe(["four"])
+    assert list(fe._word_cache) == ["three", "two", "four"]  # least recently used ("one") went first
+    again = fe(["one two three", "nine eight seven six"])  # more new words in one call than the cache holds
+    assert len(fe._word_cache) == 3
+    np.testing.assert_allclose(again.values[:1], first, atol=1e-6)
+    np.testing.assert_allclose(again.values, minilm(["one two three", "nine eight seven six"]).values, atol=1e-6)
+
+
 def test_sentence_context_depends_on_neighbours():
     fe = get_frontend("minilm", T=3, context="sentence", device="cpu")
     feats = fe(["river bank", "money bank"])

