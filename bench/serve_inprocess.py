@@ -8,9 +8,9 @@
 Two ways take turns (--rounds, each a fresh measurement on the same app). `--compare checks` (the default): a
 request's small feature inputs checked on the event loop (the service's way since `cheap_to_prepare`), or handed
 to a decode thread and back, as every input was before. `--compare features`: features sent as float32 bytes
-(`features_b64`) or as a nested JSON list (`features`). Each measurement prints req/s and CPU ms per request (process time over all threads,
-so the thread hop's wake-ups and interpreter-lock hand-offs count) and that CPU per thread pool (from /proc); the
-last line gives the ratio of the medians. The bench is the only client: nothing else shares the cores. For
+(`features_b64`) or as a nested JSON list (`features`). Each measurement prints req/s and CPU ms per request
+(process time over all threads, so the thread hop's wake-ups and interpreter-lock hand-offs count) and that CPU
+per thread pool (from /proc); the last line gives the ratio of the medians. The bench is the only client: nothing else shares the cores. For
 `/retrieve`, the catalog first gets `--items` random unit vectors per modality (bench/serve.py's fill_catalog).
 """
 
@@ -120,8 +120,8 @@ async def run(args: argparse.Namespace) -> None:
 
             # name -> (how small inputs are checked, the request bodies)
             if args.compare == "checks":
-                ways = {"checks on the event loop": (ON_LOOP, bodies(args.features_as)),
-                        "checks in a decode thread": (always_a_thread, bodies(args.features_as))}
+                sent = bodies(args.features_as)
+                ways = {"checks on the event loop": (ON_LOOP, sent), "checks in a decode thread": (always_a_thread, sent)}
             else:
                 ways = {"features as float32 b64": (ON_LOOP, bodies("b64")),
                         "features as a JSON list": (ON_LOOP, bodies("list"))}
