@@ -3,7 +3,6 @@ batching that changes no answer, and metrics."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 
@@ -11,7 +10,9 @@ import httpx
 import numpy as np
 import pytest
 from conftest import SERVICE_API_KEY
-from test_service_support import b64, image_bytes, mp4_bytes, png_claiming, random_features, wav_bytes
+from test_service_support import (
+    b64, image_bytes, mp4_bytes, png_claiming, post_concurrently, random_features, wav_bytes,
+)
 
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends, cache_key, to_features
@@ -149,14 +150,8 @@ def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, ref
 
     before = batches()
 
-    async def fire():
-        async with httpx.AsyncClient(base_url=sqlite_service.url, timeout=120) as client:
-            return await asyncio.gather(*[
-                client.post("/encode", json={"modality": "audio", "inputs": [x], "return_embedding": True})
-                for x in inputs
-            ])
-
-    answers = asyncio.run(fire())
+    answers = post_concurrently(sqlite_service.url, "/encode",
+                                [{"modality": "audio", "inputs": [x], "return_embedding": True} for x in inputs])
     assert [a.status_code for a in answers] == [200] * 64
     for i, a in enumerate(answers):
         item = a.json()["items"][0]
@@ -373,11 +368,7 @@ def test_concurrent_retrieves_of_every_kind_share_a_batch_and_equal_their_single
     calls, rows = _batcher_counts(sqlite_service, "retrieve-audio")
     encodes = [_batcher_counts(sqlite_service, f"encode-{m}") for m in ("audio", "video", "text")]
 
-    async def fire():
-        async with httpx.AsyncClient(base_url=sqlite_service.url, timeout=120) as client:
-            return await asyncio.gather(*[client.post("/retrieve", json=body) for body in bodies])
-
-    together = asyncio.run(fire())
+    together = post_concurrently(sqlite_service.url, "/retrieve", bodies)
     assert [r.status_code for r in together] == [r.status_code for r in single]
     for alone, batched in zip(single, together):
         if alone.status_code != 200:
@@ -423,12 +414,8 @@ def test_a_retrieve_query_without_direction_fails_alone(sqlite_service, monkeypa
     monkeypatch.setattr(state, "_encode_batch", broken_encoder)
     monkeypatch.setattr(state, "_retrieve_batch", recording)
 
-    async def fire():
-        async with httpx.AsyncClient(base_url=sqlite_service.url, timeout=120) as client:
-            return await asyncio.gather(*[client.post("/retrieve", json=body) for body in good + degenerate])
-
     for _ in range(5):  # until one batch held queries of both kinds
-        answers = asyncio.run(fire())
+        answers = post_concurrently(sqlite_service.url, "/retrieve", good + degenerate)
         for a, want in zip(answers[: len(good)], alone):
             assert a.status_code == 200, a.text
             assert [x["id"] for x in a.json()["results"]] == [x["id"] for x in want]

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_service_support import ProcessServer, ThreadServer, free_port, random_features
+from test_service_support import ProcessServer, ThreadServer, free_port, post_concurrently, random_features
 
 from srcid.training.avdigits import WORDS
 
@@ -63,13 +63,8 @@ def test_still_waiting_for_its_catalog_is_not_ready(service_bundle, tmp_path):
 def test_a_full_queue_answers_429(service_bundle, tmp_path):
     server = ThreadServer(bundle=service_bundle, data_dir=tmp_path, max_batch=1, queue_size=1, batch_wait_ms=0).start()
     body = {"modality": "text", "inputs": [{"features": random_features("text", i).tolist()} for i in range(64)]}
-
-    async def fire():
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            return await asyncio.gather(*[client.post("/encode", json=body) for _ in range(24)])
-
     try:
-        answers = asyncio.run(fire())
+        answers = post_concurrently(server.url, "/encode", [body] * 24)
         statuses = [a.status_code for a in answers]
         assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
         refused = next(a for a in answers if a.status_code == 429).json()["error"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -137,6 +138,15 @@ class ProcessServer:
 
 
 # -- media ------------------------------------------------------------------------------------------------
+def post_concurrently(url: str, path: str, bodies: list) -> list[httpx.Response]:
+    """POST every JSON body to `url + path` at once (one client, all in flight together); the answers in order."""
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*[client.post(path, json=body) for body in bodies])
+
+    return asyncio.run(fire())
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
