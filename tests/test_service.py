@@ -9,6 +9,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+from fastapi import APIRouter
 from conftest import SERVICE_API_KEY
 from test_service_support import (
     b64, image_bytes, mp4_bytes, png_claiming, post_concurrently, random_features, wav_bytes,
@@ -16,7 +17,8 @@ from test_service_support import (
 
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends, cache_key, to_features
-from srcid.service.models import InputFields
+from srcid.service.models import EncodeRequest, InputFields
+from srcid.service.routing import JSONBodyRoute
 from srcid.service.state import GC_YOUNG_THRESHOLD
 
 AUTH = {"Authorization": f"Bearer {SERVICE_API_KEY}"}
@@ -259,9 +261,35 @@ def test_nan_in_float32_bytes_gets_400(sqlite_service):
     assert "NaN/inf" in assert_error(r, 400, "bad_features")["message"]
 
 
-def test_not_json_and_unknown_routes(sqlite_service):
-    r = httpx.post(sqlite_service.url + "/encode", content=b"{not json", headers={"content-type": "application/json"})
-    assert_error(r, 400, "invalid_json")
+@pytest.mark.parametrize("path", ["/encode", "/retrieve", "/items"])
+def test_not_json_an_empty_body_and_a_body_not_an_object(sqlite_service, path):
+    """The same answers from the lean JSON routes (/encode, /retrieve) as from FastAPI's own path (/items)."""
+    def send(content: bytes) -> httpx.Response:
+        return httpx.post(sqlite_service.url + path, content=content, headers={"content-type": "application/json", **AUTH})
+
+    assert_error(send(b"{not json"), 400, "invalid_json")
+    assert assert_error(send(b""), 422, "invalid_request")["message"] == "body: Field required"
+    for not_an_object in (b"[]", b"null", b'"text"', b"3"):
+        assert assert_error(send(not_an_object), 422, "invalid_request")["message"].startswith(
+            "body: Input should be a valid dictionary")
+
+
+def test_a_json_body_route_refuses_an_endpoint_it_cannot_call():
+    router = APIRouter(route_class=JSONBodyRoute)
+
+    async def takes_a_dict(body: dict, state: object) -> None: ...
+
+    async def no_state(body: EncodeRequest) -> None: ...
+
+    async def fits(body: EncodeRequest, state: object) -> None: ...
+
+    router.add_api_route("/fits", fits, methods=["POST"])
+    for endpoint in (takes_a_dict, no_state):
+        with pytest.raises(TypeError, match="JSONBodyRoute endpoint"):
+            router.add_api_route("/x", endpoint, methods=["POST"])
+
+
+def test_unknown_routes(sqlite_service):
     assert_error(httpx.get(sqlite_service.url + "/nowhere"), 404, "not_found")
     assert_error(httpx.get(sqlite_service.url + "/encode"), 405, "method_not_allowed")
 

@@ -7,10 +7,10 @@ from fastapi import APIRouter, Depends
 from ..dependencies import get_state
 from ..errors import BadInput
 from ..models import ERROR_RESPONSES, EncodedItem, EncodeRequest, EncodeResponse
-from ..routing import FastJSONRoute
+from ..routing import JSONBodyRoute
 from ..state import ServiceState
 
-router = APIRouter(tags=["encode"], route_class=FastJSONRoute)
+router = APIRouter(tags=["encode"], route_class=JSONBodyRoute)
 
 
 @router.post("/encode", response_model=EncodeResponse, response_model_exclude_none=True, responses=ERROR_RESPONSES)

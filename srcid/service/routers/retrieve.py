@@ -6,10 +6,10 @@ from fastapi import APIRouter, Depends
 
 from ..dependencies import get_state
 from ..models import ERROR_RESPONSES, RetrieveRequest, RetrieveResponse, RetrieveResult
-from ..routing import FastJSONRoute
+from ..routing import JSONBodyRoute
 from ..state import ServiceState
 
-router = APIRouter(tags=["retrieve"], route_class=FastJSONRoute)
+router = APIRouter(tags=["retrieve"], route_class=JSONBodyRoute)
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERROR_RESPONSES)
