@@ -73,8 +73,12 @@ class Bundle:
         """features [B, T, *shape] (+ mask [B, T] for masked modalities) -> {"layer1": int64 [B, T],
         "layer2": int64 [B, T] (manifest.no_code everywhere for one-layer models), "embedding": float32 [B, E]
         L2-normalised, and "layer1_stages": int64 [B, T, n] for RVQ-n}."""
-        x, m = self.check_input(modality, features, mask)
-        return self._backend.run(modality, x, m)
+        return self.run_checked(modality, *self.check_input(modality, features, mask))
+
+    def run_checked(self, modality: str, features: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """`encode` of what `check_input` returned, for a caller that checked each part of a batch on its own (the
+        service, which checks every request before batching them)."""
+        return self._backend.run(modality, features, mask)
 
 
 def load_bundle(path: str | Path, backend: str = "auto", threads: int = 0) -> Bundle:

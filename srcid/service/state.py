@@ -7,6 +7,7 @@ the server answers /healthz at once and /readyz (503 until ready) tells orchestr
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -28,7 +29,7 @@ from srcid.runtime import Bundle, load_bundle
 from .batcher import MicroBatcher
 from .cache import EncodeCache, Encoded
 from .errors import BadInput, NotReady
-from .media import Prepared, build_frontends, bundle_id, cache_key, cheap_to_prepare, featurize, prepare
+from .media import Prepared, build_frontends, bundle_id, cache_key, cheap_to_prepare, featurize, prepare, stack
 from .metrics import Metrics
 from .models import FEATURE_FIELDS, InputFields, Query
 from .settings import Settings
@@ -98,29 +99,27 @@ class ServiceState:
         self.status = "starting"
         self.error: str | None = None
         self.metrics = Metrics(self.live_figures)
-        # Media decoding and front-ends; the catalog; /encode's runtime calls; /retrieve's (encode, search, fetch).
+        # Media decoding and front-ends; the catalog. Each batcher (/encode's runtime calls, /retrieve's encode,
+        # search and fetch) runs in a thread of its own.
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.io_pool = ThreadPoolExecutor(8, thread_name_prefix="catalog")
-        self.model_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="runtime")
-        self.search_pool = ThreadPoolExecutor(len(MODALITIES), thread_name_prefix="search",
-                                              initializer=_search_threads, initargs=(settings.index_threads,))
-        # Both pools encode; a front-end is not safe to call from two threads at once (a fast tokenizer's padding
-        # state, for one), so each modality's front-end and runtime call hold its lock.
+        # Both kinds of batcher encode; a front-end is not safe to call from two threads at once (a fast tokenizer's
+        # padding state, for one), so each modality's front-end and runtime call hold its lock.
         self._encoding = {m: threading.Lock() for m in MODALITIES}
         self.cache = EncodeCache(settings.cache_url, self.metrics.cache_result) if settings.cache_url else None
-        self.encoders = {m: self._batcher(f"encode-{m}", lambda p, m=m: self._encode_batch(m, p), self.model_pool)
-                         for m in MODALITIES}
+        self.encoders = {m: self._batcher(f"encode-{m}", lambda p, m=m: self._encode_batch(m, p)) for m in MODALITIES}
         self.retrievers = {m: self._batcher(f"retrieve-{m}", lambda p, m=m: self._retrieve_batch(m, p),
-                                            self.search_pool) for m in MODALITIES}
+                                            functools.partial(_search_threads, settings.index_threads))
+                           for m in MODALITIES}
         self._stop = threading.Event()
         self._loader: asyncio.Future | None = None
         worker_dir = os.environ.get(WORKER_DIR_ENV)
         self._ready_marker = Path(worker_dir) / f"ready-{os.getpid()}" if worker_dir and settings.workers > 1 else None
 
-    def _batcher(self, name: str, run: Callable, pool: ThreadPoolExecutor) -> MicroBatcher:
+    def _batcher(self, name: str, run: Callable, initializer: Callable[[], None] = lambda: None) -> MicroBatcher:
         s = self.settings
         return MicroBatcher(
-            name, run, pool, s.max_batch, s.batch_wait_ms, s.queue_size,
+            name, run, s.max_batch, s.batch_wait_ms, s.queue_size, initializer,
             on_batch=self.metrics.batch_size.labels(name).observe, on_depth=self.metrics.queue_depth.labels(name).set,
             on_wait=self.metrics.queue_wait.labels(name).observe, on_run=self.metrics.batch_run.labels(name).observe,
         )
@@ -199,7 +198,7 @@ class ServiceState:
             await self.cache.close()
         if self.catalog is not None:
             self.catalog.close()
-        for pool in (self.decode_pool, self.io_pool, self.model_pool, self.search_pool):
+        for pool in (self.decode_pool, self.io_pool):
             pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         if self._ready_marker is not None:
@@ -255,21 +254,18 @@ class ServiceState:
         bundle = self.require_ready()
         with self._encoding[modality]:
             feats = featurize(jobs, bundle, self.frontends)
-            good = [f for f in feats if not isinstance(f, BadInput)]
+            good = [row for f in feats if not isinstance(f, BadInput) for row in f]
             if not good:
                 return feats  # type: ignore[return-value]
-            x = np.concatenate([f[0] for f in good])
-            mask = None if good[0][1] is None else np.concatenate([f[1] for f in good])
-            out = bundle.encode(modality, x, mask)
+            out = bundle.run_checked(modality, *stack(good))
         results: list[dict | BadInput] = []
         start = 0
         for f in feats:
             if isinstance(f, BadInput):
                 results.append(f)
                 continue
-            n = len(f[0])
-            results.append({k: v[start : start + n] for k, v in out.items()})
-            start += n
+            results.append({k: v[start : start + len(f)] for k, v in out.items()})
+            start += len(f)
         return results
 
     def _usable(self, modality: str, inputs: Sequence[InputFields], where: str) -> Bundle:
