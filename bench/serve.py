@@ -10,6 +10,7 @@ on with other settings.
     python bench/serve.py --features-as b64             # features sent as float32 bytes (features_b64)
     python bench/serve.py --workers 2                   # both servers with two worker processes
     python bench/serve.py --versus WORKERS=2            # one worker process vs two, batching on
+    git worktree add /tmp/before HEAD~1 && python bench/serve.py --against /tmp/before  # this code vs other code
 
 The run ends with two ceilings: the encoder alone in this process at batch 64 vs 1 (the most batching can give when
 the encoder is all the work), and GET /healthz at the top concurrency (the HTTP path with nothing behind it).
@@ -84,13 +85,28 @@ def fill_catalog(url: str, bundle_dir: Path, n: int, seed: int = 0) -> None:
     catalog.close()
 
 
-def start_server(bundle: Path, data: Path, catalog_url: str, port: int, extra: dict[str, str], log: Path) -> subprocess.Popen:
+# `srcid serve` from another checkout's source, in this environment: the editable install's import finder would
+# pick this checkout's srcid, so it is taken out before the other checkout goes first on the path.
+SERVE_FROM = """import sys
+root = sys.argv.pop(1)
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__name__", type(f).__name__).lower()]
+sys.path.insert(0, root)
+import srcid.cli
+assert srcid.cli.__file__.startswith(root), f"imported {srcid.cli.__file__}, not {root}"
+sys.exit(srcid.cli.main())
+"""
+
+
+def start_server(bundle: Path, data: Path, catalog_url: str, port: int, extra: dict[str, str], log: Path,
+                 source: Path | None = None) -> subprocess.Popen:
+    """`srcid serve` with these SRCID_* settings, of this checkout or of the checkout at `source`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SRCID_")}
     env.update({"SRCID_BUNDLE": str(bundle), "SRCID_DATA_DIR": str(data), "SRCID_CATALOG_URL": catalog_url,
                 "SRCID_PORT": str(port), "SRCID_LOG_LEVEL": "warning", "SRCID_DEMO_CATALOG": "false",
                 **{f"SRCID_{k}": v for k, v in extra.items()}})
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("srcid")), "serve"], env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    command = ([str(Path(sys.executable).with_name("srcid")), "serve"] if source is None
+               else [sys.executable, "-c", SERVE_FROM, str(source.resolve()), "serve"])
+    proc = subprocess.Popen(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -252,8 +268,19 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="SRCID_WORKERS of both servers")
     parser.add_argument("--versus", nargs="+", default=[], metavar="KEY=VALUE",
                         help="compare batching on with the defaults against batching on with these SRCID_ settings")
+    parser.add_argument("--against", type=Path, default=None, metavar="CHECKOUT",
+                        help="compare this checkout's server against the one of another checkout of srcid (a git "
+                        "worktree of an earlier commit, say), both batching on")
     args = parser.parse_args()
     configs = configurations(args.versus)
+    sources: dict[str, Path | None] = {name: None for name in configs}
+    if args.against is not None:
+        if args.versus:
+            raise SystemExit("--against and --versus each name the second server; give one")
+        if not (args.against / "srcid" / "cli.py").is_file():
+            raise SystemExit(f"--against {args.against}: no srcid/cli.py there")
+        configs = {"this checkout": BATCHING_ON, f"checkout {args.against.name}": BATCHING_ON}
+        sources = {"this checkout": None, f"checkout {args.against.name}": args.against}
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="srcid-bench-") as tmp:
@@ -274,7 +301,7 @@ def main() -> int:
             for i, (name, extra) in enumerate(configs.items()):
                 procs[name] = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port + i,
                                            {"WORKERS": str(args.workers), **extra, "INDEX_KIND": args.index_kind},
-                                           tmp / f"{name}.log")
+                                           tmp / f"{name.replace(' ', '-')}.log", sources[name])
             for endpoint in ("/encode", "/retrieve"):
                 for c in args.concurrency:
                     bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c, features_as=args.features_as)
@@ -318,7 +345,8 @@ def main() -> int:
     info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "items_per_modality": args.items,
             "requests": args.requests, "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
             "modality": args.modality, "features_as": args.features_as, "index_kind": args.index_kind,
-            "workers": args.workers, "configurations": configs, "results": results}
+            "workers": args.workers, "configurations": configs,
+            "sources": {name: str(src) if src else "this checkout" for name, src in sources.items()}, "results": results}
     if args.out:
         args.out.write_text(json.dumps(info, indent=1))
     return 0
