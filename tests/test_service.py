@@ -289,6 +289,26 @@ def test_a_json_body_route_refuses_an_endpoint_it_cannot_call():
             router.add_api_route("/x", endpoint, methods=["POST"])
 
 
+def test_encode_and_retrieve_are_answered_in_front_of_the_framework(sqlite_service, monkeypatch):
+    """POSTs to /encode and /retrieve, good or bad, never reach FastAPI's middleware and routing; others do."""
+    guard, reached = sqlite_service.app.guard, []
+    framework = guard.app
+
+    async def recording(scope, receive, send):
+        reached.append(scope["path"])
+        await framework(scope, receive, send)
+
+    monkeypatch.setattr(guard, "app", recording)
+    text = {"modality": "text", "text": "one two"}
+    assert post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "one two"}]}).status_code == 200
+    assert post(sqlite_service, "/retrieve", {"query": text, "target": "audio"}).status_code == 200
+    assert_error(post(sqlite_service, "/encode", {"modality": "smell", "inputs": [{"text": "one"}]}), 422)
+    assert_error(post(sqlite_service, "/retrieve", {"query": {"item_id": "nobody"}, "target": "audio"}), 404)
+    assert httpx.get(sqlite_service.url + "/healthz").status_code == 200
+    assert_error(httpx.get(sqlite_service.url + "/encode"), 405)
+    assert reached == ["/healthz", "/encode"]
+
+
 def test_unknown_routes(sqlite_service):
     assert_error(httpx.get(sqlite_service.url + "/nowhere"), 404, "not_found")
     assert_error(httpx.get(sqlite_service.url + "/encode"), 405, "method_not_allowed")

@@ -57,32 +57,30 @@ def _validation_message(exc: RequestValidationError) -> str:
     return f"{_where(tuple(first.get('loc', ())))}: {first.get('msg', 'invalid')}{more}"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service(_: Request, exc: ServiceError) -> JSONResponse:
+def error_response_for(exc: Exception) -> JSONResponse:
+    """The answer to an exception a request raised: its status and `{"error": {"code", "message"}}`."""
+    if isinstance(exc, ServiceError):
         return error_response(exc.status, exc.code, exc.message)
-
-    @app.exception_handler(CatalogError)
-    async def _catalog(_: Request, exc: CatalogError) -> JSONResponse:
+    if isinstance(exc, CatalogError):
         if exc.http_status >= 500 and exc.http_status != 503:
             log.error("catalog error: %s", exc.message)
         return error_response(exc.http_status, exc.code, exc.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    if isinstance(exc, RequestValidationError):
         # A body that is not JSON at all is 400; JSON of the wrong shape is 422 (FastAPI's own choice).
-        kinds = {e.get("type") for e in exc.errors()}
-        if "json_invalid" in kinds:
+        if "json_invalid" in {e.get("type") for e in exc.errors()}:
             return error_response(400, "invalid_json", "body: not valid JSON")
         return error_response(422, "invalid_request", _validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, StarletteHTTPException):
         codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized", 413: "body_too_large"}
         return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail),
                               headers=getattr(exc, "headers", None))
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the server log")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal", f"internal error ({type(exc).__name__}); see the server log")
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        return error_response_for(exc)
+
+    for kind in (ServiceError, CatalogError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)
