@@ -45,13 +45,19 @@ async def started(b: MicroBatcher) -> MicroBatcher:
     return b
 
 
+async def holding_the_first(run: Recorder, **options) -> tuple[MicroBatcher, asyncio.Future]:
+    """A started batcher whose first batch, request 0 alone, is running and held until `run.release` is set."""
+    b = await started(batcher(run, **options))
+    first = b.enqueue(0)
+    await asyncio.to_thread(run.started.wait, 10)
+    return b, first
+
+
 def test_requests_queued_while_a_batch_runs_form_the_next_batch_within_max_batch():
     run = Recorder(hold=True)
 
     async def go():
-        b = await started(batcher(run, max_batch=4))
-        first = b.enqueue(0)
-        await asyncio.to_thread(run.started.wait, 10)  # the first batch holds request 0 alone
+        b, first = await holding_the_first(run, max_batch=4)
         rest = [b.enqueue(i) for i in range(1, 10)]
         run.release.set()
         answers = await asyncio.gather(first, *rest)
@@ -87,9 +93,7 @@ def test_rows_count_against_max_batch_and_a_request_larger_than_it_runs_alone():
     run = Recorder(hold=True)
 
     async def go():
-        b = await started(batcher(run, max_batch=4))
-        first = b.enqueue(0)
-        await asyncio.to_thread(run.started.wait, 10)
+        b, first = await holding_the_first(run, max_batch=4)
         rest = [b.enqueue(1, rows=3), b.enqueue(2, rows=2), b.enqueue(3, rows=9), b.enqueue(4, rows=1)]
         run.release.set()
         await asyncio.gather(first, *rest)
@@ -126,9 +130,7 @@ def test_a_full_queue_refuses_with_overloaded():
     run = Recorder(hold=True)
 
     async def go():
-        b = await started(batcher(run, queue_size=2))
-        first = b.enqueue(0)
-        await asyncio.to_thread(run.started.wait, 10)
+        b, first = await holding_the_first(run, queue_size=2)
         queued = [b.enqueue(1), b.enqueue(2)]
         with pytest.raises(Overloaded):
             b.enqueue(3)
@@ -144,9 +146,7 @@ def test_drain_answers_everything_queued_then_refuses_new_requests():
     run = Recorder(hold=True)
 
     async def go():
-        b = await started(batcher(run, max_batch=2))
-        first = b.enqueue(0)
-        await asyncio.to_thread(run.started.wait, 10)
+        b, first = await holding_the_first(run, max_batch=2)
         queued = [b.enqueue(i) for i in range(1, 6)]
         draining = asyncio.ensure_future(b.drain())
         await asyncio.sleep(0.05)
@@ -182,9 +182,7 @@ def test_a_cancelled_request_is_left_out_of_its_batch():
     run = Recorder(hold=True)
 
     async def go():
-        b = await started(batcher(run))
-        first = b.enqueue(0)
-        await asyncio.to_thread(run.started.wait, 10)
+        b, first = await holding_the_first(run)
         gone, kept = b.enqueue(1), b.enqueue(2)
         gone.cancel()
         run.release.set()
