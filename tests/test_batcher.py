@@ -217,3 +217,27 @@ def test_stack_rows_equals_concatenate_and_is_writable():
     masks = [np.ones((1, 10), bool), np.zeros((1, 10), bool), np.eye(1, 10, 3, dtype=bool)]
     np.testing.assert_array_equal(stack_rows(masks), np.concatenate(masks))
     assert stack_rows(rows[:1]) is rows[0]
+
+
+def test_a_failing_metrics_hook_or_initializer_fails_the_batch_not_the_thread():
+    """Every queued request still gets an answer: the thread outlives a hook that raises."""
+    calls = []
+
+    def broken_hook(rows: int) -> None:
+        calls.append(rows)
+        if len(calls) == 1:
+            raise RuntimeError("metrics broke")
+
+    def broken_init() -> None:
+        raise OSError("no threads to set")
+
+    async def go():
+        b = MicroBatcher("hooks", Recorder(), 8, 5, 10, initializer=broken_init, on_batch=broken_hook)
+        b.start()
+        first = await asyncio.gather(b.enqueue(1), return_exceptions=True)
+        second = await b.enqueue(2)
+        await b.drain()
+        return first[0], second
+
+    failed, answered = asyncio.run(go())
+    assert isinstance(failed, RuntimeError) and answered == 20

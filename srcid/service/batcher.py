@@ -144,16 +144,19 @@ class MicroBatcher(Generic[P, R]):
         return batch
 
     def _work(self) -> None:
-        self._initializer()
+        try:
+            self._initializer()
+        except Exception:  # noqa: BLE001 - the batches still run, with the thread's defaults
+            log.exception("%s: the batcher thread's initializer failed", self.name)
         while (batch := self._gather()) is not None:
             live = [p for p in batch if not p.future.done()]  # a client that went away cancelled its future
             if not live:
                 continue
-            self._on_batch(sum(p.rows for p in live))
             started = time.perf_counter()
-            for p in live:
-                self._on_wait(started - p.queued_at)
             try:
+                self._on_batch(sum(p.rows for p in live))
+                for p in live:
+                    self._on_wait(started - p.queued_at)
                 results: Sequence[R] | Exception = self._run([p.payload for p in live])
                 self._on_run(time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - every waiting request must get an answer

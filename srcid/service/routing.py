@@ -29,7 +29,10 @@ def parse_json(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        return json.loads(body)
+        try:
+            return json.loads(body)
+        except UnicodeDecodeError as exc:  # a ValueError, but not one FastAPI or the routes below read as bad JSON
+            raise json.JSONDecodeError(f"not UTF-8 ({exc.reason})", "", exc.start) from None
 
 
 class FastJSONRequest(Request):
