@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from srcid import __version__
 
-from .errors import error_body, error_response_for, install_error_handlers
+from .errors import error_response, error_response_for, install_error_handlers
 from .routers import encode, health, items, retrieve
 from .routing import JSONBodyRoute
 from .settings import Settings
@@ -34,12 +34,6 @@ class Guard:
 
     def __init__(self, app: ASGIApp, state: ServiceState, direct: dict[str, JSONBodyRoute]):
         self.app, self.state, self.direct = app, state, direct
-
-    async def _too_large(self, send: Send, limit: int) -> None:
-        body = json.dumps(error_body("body_too_large", f"request body larger than {limit} bytes (SRCID_MAX_BODY_BYTES)"))
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body.encode()})
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         chunks, size = [], 0
@@ -72,33 +66,24 @@ class Guard:
             headers = dict(scope.get("headers", []))
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > limit:
-                await self._too_large(send_recording, limit)
+                await _too_large(limit)(scope, receive, send_recording)
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body = await self._read_body(receive, limit)
                 if body is None:
-                    await self._too_large(send_recording, limit)
+                    await _too_large(limit)(scope, receive, send_recording)
                     return
-                delivered = False
-
-                async def replay() -> Message:
-                    nonlocal delivered
-                    if not delivered:
-                        delivered = True
-                        return {"type": "http.request", "body": body, "more_body": False}
-                    return await receive()
-
                 route = self.direct.get(scope["path"]) if scope["method"] == "POST" and not scope.get("root_path") else None
                 if route is None:
                     _as_json(scope)
-                    await self.app(scope, replay, send_recording)
+                    await self.app(scope, _replaying(body, receive), send_recording)
                     return
                 scope["route"] = route
                 try:
                     response = await route.answer(self.state, body)
                 except Exception as exc:  # noqa: BLE001 - answered as the app's error handlers answer it
                     response = error_response_for(exc)
-                await response(scope, replay, send_recording)
+                await response(scope, receive, send_recording)
             else:
                 await self.app(scope, receive, send_recording)
         finally:
@@ -109,6 +94,25 @@ class Guard:
             if log.isEnabledFor(logging.INFO):
                 log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": path,
                                            "status": status["code"], "ms": round(elapsed * 1000, 2)})
+
+
+def _too_large(limit: int) -> Response:
+    return error_response(413, "body_too_large", f"request body larger than {limit} bytes (SRCID_MAX_BODY_BYTES)")
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app behind Guard, which has read the whole body already: the body once, then the client's
+    own messages (a disconnect)."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _as_json(scope: Scope) -> None:

@@ -267,8 +267,8 @@ def featurize(jobs: Sequence[Prepared], bundle: Bundle, frontends: dict[str, Fro
 def stack_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
     """np.concatenate along the first axis of C-contiguous arrays of one dtype and row shape, without giving up the
     interpreter lock: numpy releases it while it copies, and a batcher thread that gives it up waits for the busy
-    event loop to hand it back, up to the 5 ms switch interval each time (a batch of 32 spent 10 ms so, for 0.6 ms
-    of work; docs/PERFORMANCE.md, Serve). bytearray.join copies the buffers holding the lock (below 1 MiB)."""
+    event loop to hand it back, up to the 5 ms switch interval each time (a batch of 31 rows spent 10.8 ms so, for
+    0.87 ms of work; docs/PERFORMANCE.md, Serve). bytearray.join copies the buffers holding the lock (below 1 MiB)."""
     if len(arrays) == 1:
         return arrays[0]
     first = arrays[0]

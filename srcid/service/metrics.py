@@ -67,8 +67,8 @@ class Metrics:
         key = (route, method, status)
         series = self._request_series.get(key)
         if series is None:
-            series = self._request_series.setdefault(key, (self.requests.labels(route, method, str(status)),
-                                                          self.latency.labels(route, method)))
+            series = self._request_series[key] = (self.requests.labels(route, method, str(status)),
+                                                  self.latency.labels(route, method))
         series[0].inc()
         series[1].observe(seconds)
 
