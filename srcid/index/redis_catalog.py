@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
+import orjson
 import redis
 
 from srcid.index.catalog import Catalog, resolve_binding
@@ -177,8 +178,8 @@ class RedisCatalog(Catalog):
             id=fields[b"id"].decode(),
             modality=fields[b"modality"].decode(),
             embedding=np.frombuffer(fields[b"embedding"], dtype="<f4").astype(np.float32),
-            metadata=json.loads(fields[b"metadata"]),
-            codes=json.loads(fields[b"codes"]),
+            metadata=orjson.loads(fields[b"metadata"]),
+            codes=orjson.loads(fields[b"codes"]),
             key=int(fields[b"key"]),
         )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import orjson
 
 from srcid.index.catalog import Catalog, resolve_binding
 from srcid.index.errors import CatalogUnavailableError, DuplicateIdError
@@ -155,7 +156,7 @@ class SqliteCatalog(Catalog):
         key, item_id, modality, metadata, codes, blob = row
         return Item(
             id=item_id, modality=modality, embedding=np.frombuffer(blob, dtype="<f4").astype(np.float32),
-            metadata=json.loads(metadata), codes=json.loads(codes), key=int(key),
+            metadata=orjson.loads(metadata), codes=orjson.loads(codes), key=int(key),
         )
 
     def get_many(self, item_ids: Sequence[str]) -> list[Item | None]:
