@@ -1,5 +1,5 @@
-"""Search speed: the CPU exact backends side by side (faiss flat, the blas backend, a plain numpy brute force); IVF
-recall and speed;
+"""Search speed: the CPU exact backends side by side (faiss flat, the blas backend, the bf16 backend, a plain numpy
+brute force); IVF recall and speed;
 with --gpu, the torch-CUDA blocked fp16 exact search against its roofline.
 
     python bench/search.py                          # CPU: 10k, 100k, 1M items x E=512, batch 1 and 64
@@ -22,10 +22,12 @@ from typing import Callable
 
 import faiss
 import numpy as np
+import torch
 from threadpoolctl import threadpool_limits
 
 from srcid.index.backends import BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend
 from srcid.index.ivf import choose_nlist, recall_at_10, train_centroids, tune_nprobe
+from srcid.index.prefilter import Bf16ExactBackend, cpu_has_amx_bf16
 
 K = 10
 
@@ -80,26 +82,30 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
     for n in sizes:
         db = clustered(rng, n, dim, centers)
         keys = np.arange(n, dtype=np.int64)
-        flat, blas = FaissBackend(dim), BlasFlatBackend(dim)
-        flat.add(keys, db)
-        blas.add(keys, db)
+        flat, blas, bf16 = FaissBackend(dim), BlasFlatBackend(dim), Bf16ExactBackend(dim)
+        for backend in (flat, blas, bf16):
+            backend.add(keys, db)
         for batch in batches:
             calls = query_budget(n, batch)
             queries = [clustered(rng, batch, dim, centers) for _ in range(calls)]
             reference = numpy_topk(queries[0], db, K)
-            same = {"faiss": float((flat.search(queries[0], K)[1] == reference).mean()),
-                    "blas": float((blas.search(queries[0], K)[1] == reference).mean())}
+            same = {name: float((b.search(queries[0], K)[1] == reference).mean())
+                    for name, b in (("faiss", flat), ("blas", blas), ("bf16", bf16))}
+            bf16.fallbacks = 0
             t = timed({"faiss": lambda q: flat.search(q, K), "blas": lambda q: blas.search(q, K),
-                       "numpy": lambda q: numpy_topk(q, db, K)}, queries)
-            row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": t["faiss"], "blas": t["blas"], "numpy": t["numpy"],
-                   "blas_over_faiss_qps": t["blas"]["qps"] / t["faiss"]["qps"], "same_top10_ids_as_numpy": same}
+                       "bf16": lambda q: bf16.search(q, K), "numpy": lambda q: numpy_topk(q, db, K)}, queries)
+            row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": t["faiss"], "blas": t["blas"], "bf16": t["bf16"],
+                   "numpy": t["numpy"], "blas_over_faiss_qps": t["blas"]["qps"] / t["faiss"]["qps"],
+                   "bf16_over_blas_qps": t["bf16"]["qps"] / t["blas"]["qps"],
+                   "bf16_fallback_share": bf16.fallbacks / ((calls + 1) * batch), "same_top10_ids_as_numpy": same}
             rows.append(row)
             print(f"n={n:>8} batch={batch:>3}  " + "  ".join(
                 f"{name} {f['qps']:>8.1f} q/s (p50 {f['p50_ms']:.2f}, p99 {f['p99_ms']:.2f} ms)" for name, f in t.items())
-                + f"  blas/faiss {row['blas_over_faiss_qps']:.2f}x  same ids {same['faiss']:.3f} {same['blas']:.3f}", flush=True)
+                + f"  blas/faiss {row['blas_over_faiss_qps']:.2f}x  bf16/blas {row['bf16_over_blas_qps']:.2f}x"
+                f" (fallbacks {row['bf16_fallback_share']:.1%})  same ids " + " ".join(f"{v:.3f}" for v in same.values()), flush=True)
         if n in ivf_sizes:
             rows.append(run_ivf(n, dim, db, keys, flat, centers, rng, batches))
-        del flat, blas, db
+        del flat, blas, bf16, db
     return rows
 
 
@@ -204,14 +210,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", type=str, default=None, help="also write the figures here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads of faiss (OpenMP) and of BLAS, as the service's "
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of faiss (OpenMP), torch and BLAS, as the service's "
                         "SRCID_INDEX_THREADS (0: their defaults)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
         threadpool_limits(args.threads, user_api="blas")
-    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "faiss": faiss.__version__, "numpy": np.__version__,
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "amx_bf16": cpu_has_amx_bf16(),
+               "faiss": faiss.__version__, "numpy": np.__version__, "torch": torch.__version__,
                "faiss_threads": faiss.omp_get_max_threads(), "threads": args.threads, "load_average": os.getloadavg()}
     print(json.dumps(machine))
     if args.gpu:

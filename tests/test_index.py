@@ -13,6 +13,8 @@ from srcid.index.backends import (BlasFlatBackend, FaissBackend, IvfParams, Torc
 from srcid.index.config import IndexConfig
 from srcid.index.ivf import recall_at_10
 from srcid.index.modality_index import ModalityIndex
+from srcid.index.prefilter import Bf16ExactBackend, bf16_error_bound, cpu_has_amx_bf16
+from srcid.index.rows import VectorStore, bf16_bits
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -66,7 +68,9 @@ def test_blocked_topk_equals_faiss_exact(blocked, batch, k, budget, group):
 
 
 @pytest.mark.parametrize("make", [lambda d: FaissBackend(d), lambda d: TorchBlockedBackend(d, device="cpu", score_budget_bytes=2048),
-                                  lambda d: BlasFlatBackend(d, score_budget_bytes=2048)], ids=["faiss", "torch", "blas"])
+                                  lambda d: BlasFlatBackend(d, score_budget_bytes=2048),
+                                  lambda d: Bf16ExactBackend(d, group=4, block_rows=256, min_batch=1, min_rows=0)],
+                         ids=["faiss", "torch", "blas", "bf16"])
 def test_backend_deletions_match_a_fresh_build(make):
     rng = np.random.default_rng(1)
     n, dim = 1500, 24
@@ -210,11 +214,101 @@ def test_ivf_reaches_recall_at_10_of_095_against_exact():
     assert recall >= 0.95, f"recall@10 {recall:.3f} with nlist={nlist}, nprobe={index.ivf.nprobe}"
 
 
+def clustered_unit(rng: np.random.Generator, n: int, dim: int, centres: int, spread: float) -> np.ndarray:
+    c = rng.normal(size=(centres, dim))
+    return unit_rows(c[rng.integers(0, centres, n)] + spread * rng.normal(size=(n, dim)))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("data", ["random", "clustered"])
+@pytest.mark.parametrize("batch,k", [(4, 1), (16, 10), (37, 50)])
+def test_bf16_backend_equals_faiss_exact(data, batch, k):
+    """The bf16 first pass settles (most) queries itself, and every answer is faiss's exact one."""
+    rng = np.random.default_rng(batch + k)
+    n, dim = 9001, 64  # not a multiple of the group or the block
+    vectors = unit(rng, n, dim) if data == "random" else clustered_unit(rng, n, dim, 50, 0.5)
+    keys = rng.permutation(10**6)[:n].astype(np.int64)
+    bf16 = Bf16ExactBackend(dim, group=8, block_rows=1000, min_rows=0)
+    faiss_backend = FaissBackend(dim)
+    for start in range(0, n, 3000):  # several appends: the bf16 rows grow with the float32 ones
+        bf16.add(keys[start : start + 3000], vectors[start : start + 3000])
+        faiss_backend.add(keys[start : start + 3000], vectors[start : start + 3000])
+    queries = unit(rng, batch, dim) if data == "random" else unit_rows(vectors[:batch] + 0.3 * rng.normal(size=(batch, dim)))
+    b_scores, b_keys = bf16.search(queries, k)
+    f_scores, f_keys = faiss_backend.search(queries, k)
+    assert (b_keys == f_keys).all()
+    np.testing.assert_allclose(b_scores, f_scores, atol=1e-5)
+    assert bf16.fallbacks < batch, "the first pass settled no query: the blas backend answered them all"
+
+
+def test_bf16_backend_hands_crowded_queries_to_the_exact_search():
+    """Rows crowded within the bf16 error of a query's k-th best cannot be told apart in bf16: such a query is
+    searched again in float32, and its answer is still the exact one. (Without the error bound in the test, that
+    is taking the bf16 scores at their word, 6 of these 8 crowded queries get a wrong top 10.)"""
+    rng = np.random.default_rng(11)
+    n, dim = 6000, 32
+    centres = unit(rng, 8, dim)
+    crowds = unit_rows(np.repeat(centres, 50, axis=0) + 1e-2 * rng.normal(size=(400, dim)))
+    vectors = np.concatenate([unit(rng, n - 400, dim), crowds])
+    keys = np.arange(n, dtype=np.int64)
+    bf16 = Bf16ExactBackend(dim, group=8, min_rows=0)
+    bf16.add(keys, vectors)
+    queries = np.concatenate([unit_rows(centres + 1e-2 * rng.normal(size=(8, dim))), unit(rng, 7, dim)])
+    scores, found = bf16.search(queries, 10)
+    assert (found == brute_force(queries, keys, vectors, 10)).all()
+    assert bf16.fallbacks == 8  # the crowded queries only
+
+
+def test_bf16_error_bound_holds_for_torch_bf16_products():
+    """The bound the bf16 backend's proof rests on, checked on this machine's bf16 kernel (a kernel that summed in
+    bf16 instead of float32 would break it), vectors of unequal norms included."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    dim = 128
+    x = rng.normal(size=(20000, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(20000, 1)).astype(np.float32)
+    q = rng.normal(size=(32, dim)).astype(np.float32)
+    exact = q.astype(np.float64) @ x.T.astype(np.float64)
+    approx = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(x).bfloat16().T).double().numpy()
+    allowed = bf16_error_bound(dim) * np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(x, axis=1)[None, :]
+    assert (np.abs(approx - exact) <= allowed).all()
+    assert np.abs(approx - exact).max() > 0.05 * allowed.max(), "bf16 products this close: not rounded as bf16?"
+
+
+def test_bf16_bits_round_like_torch_and_follow_the_store():
+    import torch
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(size=5000).astype(np.float32),
+                        np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 0.0, -0.0], dtype=np.float32)])  # ties
+    assert (torch.from_numpy(bf16_bits(x)).view(torch.bfloat16) == torch.from_numpy(x).bfloat16()).all()
+    store = VectorStore(4)
+    store.add(np.arange(3, dtype=np.int64), np.eye(3, 4, dtype=np.float32) * 2)
+    store.keep_bf16()
+    store.add(np.arange(3, 2003, dtype=np.int64), unit(rng, 2000, 4))  # grows past the first capacity
+    store.remove([0, 5, 1999])
+    _, live = store.live()
+    assert (store.bf16[: len(store)] == bf16_bits(live)).all()
+    assert store.max_norm == pytest.approx(2.0)
+
+
+def test_amx_detection_reads_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile amx_int8\n")
+    assert cpu_has_amx_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
+    assert not cpu_has_amx_bf16(info)
+    assert not cpu_has_amx_bf16(tmp_path / "missing")
+
+
 def test_backend_choice():
     if faiss_gpu_count() == 0:
         with pytest.raises(ValueError, match="no GPU"):
             choose_backend_kind("faiss-gpu")
-        expected = "torch" if torch_cuda_available() else "blas"
+        expected = "torch" if torch_cuda_available() else "bf16" if cpu_has_amx_bf16() else "blas"
     else:
         expected = "faiss-gpu"
     assert choose_backend_kind("auto") == expected
@@ -227,6 +321,8 @@ def test_blas_kind_searches_exactly_with_blas_and_approximately_with_faiss_ivf()
     ivf = IvfParams(unit(rng, 4, 8), nprobe=2, recall_at_10=1.0)
     assert make_backend("blas", 8).name == "blas-cpu-fp32"
     assert make_backend("blas", 8, ivf).name == "faiss-cpu-ivf"
+    assert make_backend("bf16", 8).name == "bf16-cpu-exact"
+    assert make_backend("bf16", 8, ivf).name == "faiss-cpu-ivf"
 
 
 @pytest.mark.skipif(faiss_gpu_count() == 0, reason="the installed faiss has no GPU support or sees no GPU")

@@ -8,8 +8,12 @@
   scores are reduced to top-k on the device before the next block, so the full score matrix never exists.
 - `blas-cpu-fp32`: the same blocked search on the CPU, scored by numpy's BLAS over the index's own host copy of
   the vectors (kept transposed [E, n]), so no second copy; IVF under the `blas` kind is faiss's `faiss-cpu-ivf`.
+- `bf16-cpu-exact` (srcid/index/prefilter.py): exact too, on CPUs with AMX: a bf16 first pass over a bf16 copy of
+  the host vectors, float32 re-scoring of each query's best candidates, and the blas backend for any query whose
+  answer the first pass cannot prove; IVF under the `bf16` kind is faiss's, as under `blas`.
 
-`choose_backend_kind` picks faiss-gpu if the installed faiss has GPUs, else torch on CUDA, else blas on the CPU.
+`choose_backend_kind` picks faiss-gpu if the installed faiss has GPUs, else torch on CUDA, else bf16 on a CPU with
+AMX, else blas.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from srcid.index.rows import RowTable, VectorStore, grown_capacity
 
 log = logging.getLogger(__name__)
 
-BACKEND_KINDS = ("auto", "blas", "faiss-cpu", "faiss-gpu", "torch")
+BACKEND_KINDS = ("auto", "blas", "bf16", "faiss-cpu", "faiss-gpu", "torch")
 
 # faiss 1.15 on the CPU scores small batches with a SIMD loop and large ones with BLAS, but its default switch-over
 # sits at hundreds of queries; measured here (bench/search.py, E=512) BLAS wins from 4 queries on (7x at 64).
@@ -220,25 +224,14 @@ class TorchBlockedBackend(SearchBackend):
         return self.table.n
 
 
-class BlasFlatBackend(SearchBackend):
-    """Exact search on the CPU over a VectorStore, whose vectors are kept transposed, float32 [E, n]: a batch of
-    queries [B, E] is scored by one BLAS matrix product `q @ columns` (numpy's OpenBLAS) that streams each vector
-    once for the whole batch. Given the index's own store, it searches it in place, holds no copy and leaves the
-    writes to the index (its add and remove do nothing); without one it keeps its own and writes to it. Blocks of rows and the two-stage selection are
-    TorchBlockedBackend's, in numpy: no torch here, whose CPU threads spin and whose GEMM is slower than OpenBLAS
-    for these short, wide products.
+class StoreBackend(SearchBackend):
+    """A backend over a VectorStore: given the index's own, it searches it in place, holds no copy and leaves the
+    writes to the index (its add and remove do nothing); without one it keeps its own and writes to it."""
 
-    Why not faiss's flat index: below its BLAS threshold it takes one dot product per row-major vector and query,
-    above it GEMMs of 1024 database rows. bench/search.py measures both side by side (docs/PERFORMANCE.md, Search).
-    """
-
-    def __init__(self, dim: int, store: VectorStore | None = None, score_budget_bytes: int = 32 << 20, group: int = 32):
+    def __init__(self, dim: int, store: VectorStore | None = None):
         self.dim = dim
         self.store = store if store is not None else VectorStore(dim)
         self._owns_store = store is None
-        self.score_budget_bytes = score_budget_bytes
-        self.group = group
-        self.name = "blas-cpu-fp32"
 
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         if self._owns_store:
@@ -247,6 +240,26 @@ class BlasFlatBackend(SearchBackend):
     def remove(self, keys: Sequence[int]) -> None:
         if self._owns_store:
             self.store.remove(keys)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+class BlasFlatBackend(StoreBackend):
+    """Exact search on the CPU over a VectorStore, whose vectors are kept transposed, float32 [E, n]: a batch of
+    queries [B, E] is scored by one BLAS matrix product `q @ columns` (numpy's OpenBLAS) that streams each vector
+    once for the whole batch. Blocks of rows and the two-stage selection are TorchBlockedBackend's, in numpy: no
+    torch here, whose CPU threads spin and whose float32 GEMM is slower than OpenBLAS for these short, wide products.
+
+    Why not faiss's flat index: below its BLAS threshold it takes one dot product per row-major vector and query,
+    above it GEMMs of 1024 database rows. bench/search.py measures both side by side (docs/PERFORMANCE.md, Search).
+    """
+
+    def __init__(self, dim: int, store: VectorStore | None = None, score_budget_bytes: int = 32 << 20, group: int = 32):
+        super().__init__(dim, store)
+        self.score_budget_bytes = score_budget_bytes
+        self.group = group
+        self.name = "blas-cpu-fp32"
 
     def block_rows(self, batch: int, k: int) -> int:
         return rows_per_block(batch, k, 4, self.score_budget_bytes, self.group)
@@ -292,9 +305,6 @@ class BlasFlatBackend(SearchBackend):
         keys[:, :kk] = self.store.table.keys[np.take_along_axis(r, order, 1)]
         return scores, keys
 
-    def __len__(self) -> int:
-        return len(self.store)
-
 
 def faiss_gpu_count() -> int:
     get = getattr(faiss, "get_num_gpus", None)
@@ -310,7 +320,9 @@ def torch_cuda_available() -> bool:
 
 
 def choose_backend_kind(requested: str = "auto") -> str:
-    """Resolve "auto" to faiss-gpu, torch (CUDA) or blas (CPU), in that order of preference; check explicit choices."""
+    """Resolve "auto" to faiss-gpu, torch (CUDA), bf16 (a CPU with AMX) or blas, in that order of preference; check
+    explicit choices."""
+    from srcid.index.prefilter import cpu_has_amx_bf16  # prefilter builds on this module
     if requested not in BACKEND_KINDS:
         raise ValueError(f"index backend {requested!r}: expected one of {list(BACKEND_KINDS)}")
     if requested == "faiss-gpu" and faiss_gpu_count() == 0:
@@ -321,15 +333,23 @@ def choose_backend_kind(requested: str = "auto") -> str:
         return "faiss-gpu"
     if torch_cuda_available():
         return "torch"
+    if cpu_has_amx_bf16():
+        return "bf16"
     return "blas"
 
 
 def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device: str = "cuda",
                  store: VectorStore | None = None) -> SearchBackend:
-    """A fresh, empty backend, or with kind="blas" one that searches `store` in place. IVF runs on faiss only: with
-    kind="torch" an IVF request falls back to exact search, with kind="blas" it is faiss's IVF on the CPU."""
+    """A fresh, empty backend, or with kind="blas" or "bf16" one that searches `store` in place. IVF runs on faiss
+    only: with kind="torch" an IVF request falls back to exact search, with "blas" or "bf16" it is faiss's IVF on the CPU."""
+    from srcid.index.prefilter import Bf16ExactBackend  # prefilter builds on this module
+
+    if kind in ("blas", "bf16") and ivf is not None:
+        return FaissBackend(dim, ivf, gpu=False)
     if kind == "blas":
-        return BlasFlatBackend(dim, store) if ivf is None else FaissBackend(dim, ivf, gpu=False)
+        return BlasFlatBackend(dim, store)
+    if kind == "bf16":
+        return Bf16ExactBackend(dim, store)
     if kind == "faiss-cpu":
         return FaissBackend(dim, ivf, gpu=False)
     if kind == "faiss-gpu":
@@ -338,4 +358,4 @@ def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device
         if ivf is not None:
             log.info("torch backend searches exactly; the IVF option is ignored")
         return TorchBlockedBackend(dim, device=torch_device)
-    raise ValueError(f"index backend {kind!r}: expected blas, faiss-cpu, faiss-gpu or torch")
+    raise ValueError(f"index backend {kind!r}: expected blas, bf16, faiss-cpu, faiss-gpu or torch")

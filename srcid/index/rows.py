@@ -61,15 +61,34 @@ class RowTable:
         return np.array([self.row_of[int(k)] for k in keys], dtype=np.int64)
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Finite float32 values -> the nearest bfloat16 of each (ties to even), as its uint16 bit pattern: the upper
+    half of the float32 after rounding the lower half away. numpy has no bfloat16; torch views these bits as one."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
+
+
 class VectorStore:
     """Host copy of an index's vectors, in RowTable order: what is persisted, rebuilt from and, by the blas backend,
     searched in place. Kept transposed, float32 [E, capacity] (`columns`), because a batch of queries [B, E] is
-    scored fastest as one BLAS product with it; `live()` and `get()` give rows [n, E] as views or copies."""
+    scored fastest as one BLAS product with it; `live()` and `get()` give rows [n, E] as views or copies.
+
+    Once `keep_bf16()` is called it also keeps the rows rounded to bfloat16, uint16 bits [capacity, E] (`bf16`),
+    for the bf16 backend's first pass, and `max_norm`, a bound on the rows' norms (removal leaves it as it was)."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.table = RowTable()
         self.columns = np.empty((dim, 0), dtype=np.float32)  # columns >= n are garbage
+        self.bf16: np.ndarray | None = None  # rows >= n are garbage
+        self.max_norm = 0.0
+
+    def keep_bf16(self) -> None:
+        if self.bf16 is None:
+            n = self.table.n
+            self.bf16 = np.empty((self.columns.shape[1], self.dim), dtype=np.uint16)
+            self.bf16[:n] = bf16_bits(self.columns[:, :n].T)
+            self.max_norm = float(np.linalg.norm(self.columns[:, :n], axis=0).max(initial=0.0))
 
     def __len__(self) -> int:
         return self.table.n
@@ -84,11 +103,21 @@ class VectorStore:
             grown = np.empty((self.dim, len(self.table.keys)), dtype=np.float32)
             grown[:, : rows.start] = self.columns[:, : rows.start]
             self.columns = grown
-        self.columns[:, rows] = np.asarray(vectors, dtype=np.float32).T
+            if self.bf16 is not None:
+                grown16 = np.empty((len(self.table.keys), self.dim), dtype=np.uint16)
+                grown16[: rows.start] = self.bf16[: rows.start]
+                self.bf16 = grown16
+        vectors = np.asarray(vectors, dtype=np.float32)
+        self.columns[:, rows] = vectors.T
+        if self.bf16 is not None:
+            self.bf16[rows] = bf16_bits(vectors)
+            self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max(initial=0.0)))
 
     def remove(self, keys: Sequence[int]) -> None:
         holes, movers = self.table.remove(keys)
         self.columns[:, holes] = self.columns[:, movers]
+        if self.bf16 is not None:
+            self.bf16[holes] = self.bf16[movers]
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """Views of keys int64 [n] and vectors float32 [n, E]; copy before releasing the owner's lock."""

@@ -63,13 +63,15 @@ class Found:
 
 
 def _search_threads(n: int) -> None:
-    """OpenMP's thread count is per calling thread, so each search thread sets faiss's own; OpenBLAS's (the blas
-    backend's products) is one per process, set by the first."""
+    """OpenMP's thread count is per calling thread, so each search thread sets faiss's own and torch's (the bf16
+    backend's products); OpenBLAS's (the blas backend's) is one per process, set by the first."""
     if n:
         import faiss
+        import torch
         from threadpoolctl import threadpool_limits
 
         faiss.omp_set_num_threads(n)
+        torch.set_num_threads(n)
         threadpool_limits(n, user_api="blas")
 
 
