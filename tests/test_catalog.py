@@ -42,7 +42,9 @@ def test_add_get_delete_and_change_log(catalog_url):
         assert got.modality == "audio" and got.metadata == {"title": "dog"} and got.codes == codes and got.key == 1
         assert np.allclose(got.embedding, _item("a").embedding) and abs(np.linalg.norm(got.embedding) - 1) < 1e-6
         assert cat.counts() == {"audio": 1, "video": 0, "text": 1}
+        assert cat.metadata_many(["t", "gone", "a", "t"]) == [("text", {}), None, ("audio", {"title": "dog"}), ("text", {})]
         assert cat.delete("a") == 3
+        assert cat.metadata_many(["a"]) == [None]
         assert cat.get_many(["a", "t"])[0] is None and cat.get_many(["a", "t"])[1].id == "t"
         # Re-adding a deleted id makes a new key, so an index can tell the versions apart.
         cat.add([_item("a", "video", seed=2)])

@@ -15,6 +15,7 @@ from test_service_support import (
     b64, image_bytes, mp4_bytes, png_claiming, post_concurrently, random_features, wav_bytes,
 )
 
+from srcid.index.prefilter import cpu_has_amx_bf16
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends, cache_key, to_features
 from srcid.service.models import EncodeRequest, InputFields
@@ -62,7 +63,8 @@ def test_health_ready_and_metrics(sqlite_service):
     ready = httpx.get(sqlite_service.url + "/readyz").json()
     assert ready["status"] == "ready"
     assert ready["bundle"]["runtime_backend"] == "onnx-cpu" and ready["bundle"]["modalities"] == ["audio", "video", "text"]
-    assert ready["index"]["backend"].startswith("blas-cpu") and ready["index"]["catalog"].startswith("sqlite:///")
+    cpu_backend = "bf16-cpu-exact" if cpu_has_amx_bf16() else "blas-cpu-fp32"  # what `auto` picks without a GPU
+    assert ready["index"]["backend"] == cpu_backend and ready["index"]["catalog"].startswith("sqlite:///")
     assert set(ready["index"]["counts"]) == {"audio", "video", "text"}
     post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "one two"}]})
     metrics = httpx.get(sqlite_service.url + "/metrics").text

@@ -43,6 +43,11 @@ class Catalog(ABC):
     def get_many(self, item_ids: Sequence[str]) -> list[Item | None]:
         """Items in the order asked, None where an id is absent."""
 
+    @abstractmethod
+    def metadata_many(self, item_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]] | None]:
+        """(modality, metadata) of each id in the order asked, None where absent: what a search answer shows, read
+        without decoding embeddings and codes (about half of get_many's time for a search batch's hits)."""
+
     def get(self, item_id: str) -> Item:
         """One item; ItemNotFoundError if absent."""
         found = self.get_many([item_id])[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -189,6 +189,13 @@ class RedisCatalog(Catalog):
             for item_id in item_ids:
                 pipe.hgetall(self._k("item:", item_id))
             return [self._item(f) if f else None for f in pipe.execute()]
+
+    def metadata_many(self, item_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]] | None]:
+        with self._errors():
+            pipe = self._r.pipeline(transaction=False)
+            for item_id in item_ids:
+                pipe.hmget(self._k("item:", item_id), "modality", "metadata")
+            return [(m.decode(), orjson.loads(meta)) if m is not None else None for m, meta in pipe.execute()]
 
     def count(self, modality: str | None = None) -> int:
         if modality is None:

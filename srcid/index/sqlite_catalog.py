@@ -10,7 +10,7 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import orjson
@@ -153,24 +153,30 @@ class SqliteCatalog(Catalog):
                 raise CatalogUnavailableError(f"catalog {self.url}: read failed: {exc}") from None
 
     def _item(self, row: tuple) -> Item:
-        key, item_id, modality, metadata, codes, blob = row
+        item_id, key, modality, metadata, codes, blob = row
         return Item(
             id=item_id, modality=modality, embedding=np.frombuffer(blob, dtype="<f4").astype(np.float32),
             metadata=orjson.loads(metadata), codes=orjson.loads(codes), key=int(key),
         )
 
-    def get_many(self, item_ids: Sequence[str]) -> list[Item | None]:
-        found: dict[str, Item] = {}
+    def _rows_by_id(self, columns: str, item_ids: Sequence[str]) -> dict[str, tuple]:
+        """id -> row of `columns` (the first is `id`) for the ids present."""
+        found: dict[str, tuple] = {}
         ids = list(item_ids)
         # SQLite caps bound parameters (32766); chunk well below it.
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
-            rows = self._read(
-                f"SELECT key, id, modality, metadata, codes, embedding FROM items WHERE id IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            found.update((row[1], self._item(row)) for row in rows)
-        return [found.get(i) for i in ids]
+            rows = self._read(f"SELECT {columns} FROM items WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            found.update((row[0], row) for row in rows)
+        return found
+
+    def get_many(self, item_ids: Sequence[str]) -> list[Item | None]:
+        rows = self._rows_by_id("id, key, modality, metadata, codes, embedding", item_ids)
+        return [self._item(rows[i]) if i in rows else None for i in item_ids]
+
+    def metadata_many(self, item_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]] | None]:
+        rows = self._rows_by_id("id, modality, metadata", item_ids)
+        return [(rows[i][1], orjson.loads(rows[i][2])) if i in rows else None for i in item_ids]
 
     def count(self, modality: str | None = None) -> int:
         if modality is None:

@@ -55,10 +55,10 @@ class Search:
 
 @dataclass
 class Found:
-    """A query's answer: up to k (id, score, item) best first, and what encoding the query gave (None if it did not
-    encode), for the cache."""
+    """A query's answer: up to k (id, score, modality, metadata) best first, and what encoding the query gave (None
+    if it did not encode), for the cache."""
 
-    hits: list[tuple[str, float, Item]]
+    hits: list[tuple[str, float, str, dict[str, Any]]]
     encoded: Encoded | None
 
 
@@ -345,14 +345,14 @@ class ServiceState:
             hits = [[(h, s) for h, s in found[: ask[i]] if h != queries[i].item_id][: queries[i].k]
                     for i, found in zip(live, hits)]
             ids = list(dict.fromkeys(h for found in hits for h, _ in found))
-            items = dict(zip(ids, self.catalog.get_many(ids)))
+            shown = dict(zip(ids, self.catalog.metadata_many(ids)))
             for i, found in zip(live, hits):
                 # An item deleted since the index last caught up is left out.
-                results[i] = Found([(h, s, items[h]) for h, s in found if items[h] is not None], encoded[i])
+                results[i] = Found([(h, s, *shown[h]) for h, s in found if shown[h] is not None], encoded[i])
         return results  # type: ignore[return-value]
 
-    async def retrieve(self, target: str, query: Query, k: int) -> list[tuple[str, float, Item]]:
-        """The k catalog items of modality `target` nearest the query, best first: (id, score, item)."""
+    async def retrieve(self, target: str, query: Query, k: int) -> list[tuple[str, float, str, dict[str, Any]]]:
+        """The k catalog items of modality `target` nearest the query, best first: (id, score, modality, metadata)."""
         batcher = self.retrievers[target]
         key = None
         if query.item_id is not None:

@@ -18,5 +18,5 @@ async def retrieve(body: RetrieveRequest, state: ServiceState = Depends(get_stat
     A query by `item_id` leaves that item out of its own results."""
     hits = await state.retrieve(body.target, body.query, body.top_k)
     return RetrieveResponse(results=[
-        RetrieveResult(id=i, score=s, modality=item.modality, metadata=item.metadata) for i, s, item in hits
+        RetrieveResult(id=i, score=s, modality=modality, metadata=metadata) for i, s, modality, metadata in hits
     ])
