@@ -18,6 +18,7 @@ from test_service_support import (
 from srcid.index.prefilter import cpu_has_amx_bf16
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends, cache_key, to_features
+from srcid.service.metrics import Metrics
 from srcid.service.models import EncodeRequest, InputFields
 from srcid.service.routing import JSONBodyRoute
 from srcid.service.state import GC_YOUNG_THRESHOLD
@@ -58,6 +59,12 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dic
 
 
 # -- health ---------------------------------------------------------------------------------------------------
+def test_live_metrics_report_each_modalitys_bf16_fallbacks():
+    text = Metrics(lambda: {"ready": False, "index_fallbacks": {"audio": 0, "video": 3}}).render().decode()
+    assert 'srcid_index_fallback_queries_total{modality="video"} 3.0' in text
+    assert 'srcid_index_fallback_queries_total{modality="audio"} 0.0' in text
+
+
 def test_health_ready_and_metrics(sqlite_service):
     assert httpx.get(sqlite_service.url + "/healthz").json() == {"status": "alive"}
     ready = httpx.get(sqlite_service.url + "/readyz").json()
@@ -73,6 +80,7 @@ def test_health_ready_and_metrics(sqlite_service):
     assert 'srcid_batch_rows_count{batcher="encode-text"}' in metrics
     assert 'srcid_queue_depth{batcher="encode-text"}' in metrics
     assert 'srcid_index_items{modality="audio"}' in metrics and "srcid_ready 1.0" in metrics
+    assert 'srcid_index_fallback_queries_total{modality="video"} 0.0' in metrics
     assert 'srcid_backend_info{bundle="' in metrics and 'runtime="onnx-cpu"' in metrics
     # The server runs in this process: what it loaded is frozen out of the collector's full scans.
     assert gc.get_freeze_count() > 10_000

@@ -50,6 +50,11 @@ class CatalogIndex:
     def counts(self) -> dict[str, int]:
         return {m: len(ix) for m, ix in self.modalities.items()}
 
+    def fallbacks(self) -> dict[str, int]:
+        """Per modality, queries the bf16 backend's first pass could not settle (searched again in float32) since its
+        backend was built; 0 for backends without a first pass."""
+        return {m: int(getattr(ix.backend, "fallbacks", 0)) for m, ix in self.modalities.items()}
+
     # -- keeping up with the catalog ----------------------------------------------------------------------
     def rebuild(self) -> None:
         """Build every modality from a scan of the catalog, then apply the changes made during the scan."""

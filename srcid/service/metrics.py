@@ -7,14 +7,14 @@ import os
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class _Live:
-    """Figures read when /metrics is scraped: index sizes, backends in use, readiness."""
+    """Figures read when /metrics is scraped: index sizes, bf16 fallbacks, backends in use, readiness."""
 
     def __init__(self, read: Callable[[], dict]):
         self._read = read
@@ -28,6 +28,11 @@ class _Live:
         for modality, n in figures.get("index_counts", {}).items():
             items.add_metric([modality], float(n))
         yield items
+        fallbacks = CounterMetricFamily("srcid_index_fallback_queries", "queries the bf16 index backend searched again "
+                                        "in float32 (its first pass could not prove their answer)", labels=["modality"])
+        for modality, n in figures.get("index_fallbacks", {}).items():
+            fallbacks.add_metric([modality], float(n))
+        yield fallbacks
         info = GaugeMetricFamily("srcid_backend_info", "backends in use (value 1)", labels=["runtime", "index", "bundle"])
         if figures.get("ready"):
             info.add_metric([figures["runtime_backend"], figures["index_backend"], figures["bundle"]], 1.0)

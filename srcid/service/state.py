@@ -243,7 +243,8 @@ class ServiceState:
         figures: dict[str, Any] = {"ready": self.ready, "status": self.status}
         if self.ready and self.bundle is not None and self.index is not None:
             figures.update(runtime_backend=self.bundle.backend, index_backend=self.index.backend_name,
-                           bundle=self.bundle_id, index_counts=self.index.counts())
+                           bundle=self.bundle_id, index_counts=self.index.counts(),
+                           index_fallbacks=self.index.fallbacks())
         return figures
 
     async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., R], *args: Any) -> R:
