@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from srcid.index.backends import BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend
+from srcid.index.backends import BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, cpu_has_amx_bf16
 from srcid.index.ivf import choose_nlist, recall_at_10, train_centroids, tune_nprobe
-from srcid.index.prefilter import Bf16ExactBackend, cpu_has_amx_bf16
+from srcid.index.prefilter import Bf16ExactBackend
 
 K = 10
 

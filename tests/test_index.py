@@ -9,11 +9,11 @@ import pytest
 
 from srcid.index import modality_index
 from srcid.index.backends import (BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, choose_backend_kind,
-                                   faiss_gpu_count, make_backend, torch_cuda_available)
+                                   cpu_has_amx_bf16, faiss_gpu_count, make_backend, torch_cuda_available)
 from srcid.index.config import IndexConfig
 from srcid.index.ivf import recall_at_10
 from srcid.index.modality_index import ModalityIndex
-from srcid.index.prefilter import Bf16ExactBackend, bf16_error_bound, cpu_has_amx_bf16
+from srcid.index.prefilter import Bf16ExactBackend, bf16_error_bound
 from srcid.index.rows import VectorStore, bf16_bits
 
 

@@ -15,7 +15,7 @@ from test_service_support import (
     b64, image_bytes, mp4_bytes, png_claiming, post_concurrently, random_features, wav_bytes,
 )
 
-from srcid.index.prefilter import cpu_has_amx_bf16
+from srcid.index.backends import cpu_has_amx_bf16
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends, cache_key, to_features
 from srcid.service.metrics import Metrics

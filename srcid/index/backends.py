@@ -22,6 +22,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import faiss
@@ -59,6 +60,7 @@ class SearchBackend(ABC):
 
     name: str
     supports_remove: bool = True
+    fallbacks: int = 0  # queries answered by a slower exact path when the fast one could not prove them (bf16)
     store: VectorStore | None = None  # set when the backend searches a VectorStore in place (see BlasFlatBackend)
 
     @abstractmethod
@@ -319,10 +321,18 @@ def torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in AMX tiles (Linux's `amx_bf16` flag); False where that cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+
+
 def choose_backend_kind(requested: str = "auto") -> str:
     """Resolve "auto" to faiss-gpu, torch (CUDA), bf16 (a CPU with AMX) or blas, in that order of preference; check
     explicit choices."""
-    from srcid.index.prefilter import cpu_has_amx_bf16  # prefilter builds on this module
     if requested not in BACKEND_KINDS:
         raise ValueError(f"index backend {requested!r}: expected one of {list(BACKEND_KINDS)}")
     if requested == "faiss-gpu" and faiss_gpu_count() == 0:

@@ -53,7 +53,7 @@ class CatalogIndex:
     def fallbacks(self) -> dict[str, int]:
         """Per modality, queries the bf16 backend's first pass could not settle (searched again in float32) since its
         backend was built; 0 for backends without a first pass."""
-        return {m: int(getattr(ix.backend, "fallbacks", 0)) for m, ix in self.modalities.items()}
+        return {m: ix.backend.fallbacks for m, ix in self.modalities.items()}
 
     # -- keeping up with the catalog ----------------------------------------------------------------------
     def rebuild(self) -> None:

@@ -23,14 +23,10 @@ by maximum are kept, and the best `want` rows within them: the same exact two-st
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 import numpy as np
 
 from srcid.index.backends import BlasFlatBackend, StoreBackend
 from srcid.index.rows import VectorStore, bf16_bits
-
-log = logging.getLogger(__name__)
 
 UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significant bits
 
@@ -39,15 +35,6 @@ def bf16_error_bound(dim: int) -> float:
     """The bound on |bf16 score - exact score| per unit of ‖q‖·‖x‖ (the module docstring derives it)."""
     u = UNIT_ROUNDOFF
     return 3 * u + 4 * u * u + dim * 2.0**-23
-
-
-def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bfloat16 in AMX tiles (Linux's `amx_bf16` flag); False where that cannot be read."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
 
 
 class Bf16ExactBackend(StoreBackend):
@@ -71,7 +58,6 @@ class Bf16ExactBackend(StoreBackend):
         self.min_batch = min_batch
         self.min_rows = min_rows
         self.eps = bf16_error_bound(dim)
-        self.fallbacks = 0  # queries the first pass could not settle, searched again by the blas backend
         self.name = "bf16-cpu-exact"
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,8 +74,8 @@ class Bf16ExactBackend(StoreBackend):
             rows16 = torch.from_numpy(self.store.bf16[:padded]).view(torch.bfloat16)  # type: ignore[index]
             q16 = torch.from_numpy(bf16_bits(q)).view(torch.bfloat16)
             # Rows as the product's long side (twice as fast as queries @ rows.T here), in as few calls as the memory
-            # allows: each oneDNN call costs ~0.2-0.5 ms of its own (100k x 128, 32 queries: 4.3 ms in one call, 7.4 in
-            # 8192-row blocks). The scores [n, B] in bf16 are 2 bytes a row and query: 6.4 MB at 100k rows and 32 queries.
+            # allows: each oneDNN call costs ~0.25-0.3 ms of its own (100k x 128, 32 queries: 4.3 ms in one call, 7.4 in
+            # 13 blocks of 8192 rows). The scores [n, B] in bf16 are 2 bytes a row and query: 6.4 MB at 100k rows and 32 queries.
             approx = torch.empty((padded, batch), dtype=torch.bfloat16)  # [n', B]
             for start in range(0, padded, self.block_rows):
                 torch.matmul(rows16[start : start + self.block_rows], q16.T, out=approx[start : start + self.block_rows])

@@ -53,12 +53,15 @@ class Search:
     vector: np.ndarray | None = None
 
 
+Hit = tuple[str, float, str, dict[str, Any]]  # (id, score, modality, metadata) of a catalog item found
+
+
 @dataclass
 class Found:
     """A query's answer: up to k (id, score, modality, metadata) best first, and what encoding the query gave (None
     if it did not encode), for the cache."""
 
-    hits: list[tuple[str, float, str, dict[str, Any]]]
+    hits: list[Hit]
     encoded: Encoded | None
 
 
@@ -352,7 +355,7 @@ class ServiceState:
                 results[i] = Found([(h, s, *shown[h]) for h, s in found if shown[h] is not None], encoded[i])
         return results  # type: ignore[return-value]
 
-    async def retrieve(self, target: str, query: Query, k: int) -> list[tuple[str, float, str, dict[str, Any]]]:
+    async def retrieve(self, target: str, query: Query, k: int) -> list[Hit]:
         """The k catalog items of modality `target` nearest the query, best first: (id, score, modality, metadata)."""
         batcher = self.retrievers[target]
         key = None
