@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import pybase64
 from PIL import Image
 
 from srcid.model.frontends import (
@@ -62,7 +63,7 @@ def build_frontends(bundle: Bundle, missing: dict[str, str] | None = None) -> di
 
 def b64(value: str, where: str) -> bytes:
     try:
-        data = base64.b64decode(value, validate=True)
+        data = pybase64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadInput(f"{where}: not valid base64 ({exc})", code="bad_base64") from None
     if not data:
