@@ -43,3 +43,20 @@ def test_an_exception_is_kept_and_an_unknown_value_is_written_as_text():
         record.exc_info = sys.exc_info()
     out = json.loads(JsonFormatter().format(record))
     assert "ValueError: broken" in out["exception"] and out["thing"].startswith("<object object")
+
+
+def test_building_the_formatter_stops_the_lookups_its_lines_leave_out():
+    """Every process that formats these lines (each uvicorn worker builds its own formatter) skips them."""
+    JsonFormatter()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("srcid.test_logs")
+    logger.addHandler(handler)
+    try:
+        logger.warning("x")
+    finally:
+        logger.removeHandler(handler)
+    (record,) = records
+    assert record.thread is None and record.process is None and record.processName is None
+    assert (record.pathname, record.lineno, record.funcName) == ("(unknown file)", 0, "(unknown function)")

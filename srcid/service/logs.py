@@ -19,6 +19,11 @@ class JsonFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()
         self._second: tuple[int, str] = (-1, "")
+        # The lines leave out where a call was made from and its thread and process, so records need not look them
+        # up (the logging HOWTO's "Optimization"): 25 vs 14 µs an access line. Set here, where the lines are built,
+        # so that every process formatting them gets it: uvicorn's worker processes build their own formatter.
+        logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
     def format(self, record: logging.LogRecord) -> str:
         second = int(record.created)
@@ -38,10 +43,6 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str) -> dict[str, Any]:
     """Route the root, uvicorn and srcid loggers through JSON lines on stderr; returns uvicorn's log_config."""
-    # The lines leave out where a call was made from and its thread and process, so records need not look them up
-    # (the logging HOWTO's "Optimization"): 25 vs 14 µs an access line.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     return {
         "version": 1,

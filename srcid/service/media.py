@@ -6,7 +6,6 @@ Runs in a worker thread (decoding and front-ends are CPU work). Every problem wi
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import io
@@ -300,4 +299,4 @@ def bundle_id(bundle: Bundle) -> str:
 
 
 def read_b64(path: str | Path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode()
+    return pybase64.b64encode(Path(path).read_bytes()).decode()
