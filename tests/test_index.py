@@ -262,6 +262,26 @@ def test_bf16_backend_hands_crowded_queries_to_the_exact_search():
     assert bf16.fallbacks == 8  # the crowded queries only
 
 
+def test_bf16_backend_searches_again_where_its_thresholds_are_negative():
+    """The first pass ranks the scores by their bits as int16, which order like the scores only where these are
+    >= 0, so a query whose selection thresholds fall below zero (fewer rows than it keeps score above zero) is
+    searched again in float32. Here 20 rows score above zero against the opposite queries, fewer than the 2k + 16 =
+    36 kept: those queries go to the exact search and get the exact answer; the others are settled by the first pass."""
+    rng = np.random.default_rng(5)
+    n, dim = 6000, 32
+    vectors = unit_rows(np.abs(rng.normal(size=(n, dim))))  # in the positive orthant
+    vectors[:20] *= -1  # but 20, which score > 0 against any query in the negative orthant
+    keys = np.arange(n, dtype=np.int64)
+    bf16 = Bf16ExactBackend(dim, group=8, min_rows=0)
+    bf16.add(keys, vectors)
+    opposite = unit_rows(-np.abs(rng.normal(size=(6, dim))))
+    queries = np.concatenate([opposite, unit_rows(np.abs(rng.normal(size=(6, dim))))])
+    scores, found = bf16.search(queries, 10)
+    assert (found == brute_force(queries, keys, vectors, 10)).all()
+    assert (found[:6] < 20).all()
+    assert bf16.fallbacks == 6  # the opposite queries only
+
+
 def test_bf16_error_bound_holds_for_torch_bf16_products():
     """The bound the bf16 backend's proof rests on, checked on this machine's bf16 kernel (a kernel that summed in
     bf16 instead of float32 would break it), vectors of unequal norms included."""

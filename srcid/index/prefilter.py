@@ -19,6 +19,8 @@ near-duplicates say) is searched again by the float32 backend over the same stor
 The first pass picks the candidates without sorting all scores: the bf16 scores [n, B] are grouped (group j holds
 rows j, j + n/g, j + 2n/g, ..., so its maximum is an elementwise max of g contiguous slices), the best `want` groups
 by maximum are kept, and the best `want` rows within them: the same exact two-stage selection as the blas backend's.
+It ranks the scores by their bits read as int16, which order like the scores wherever these are >= 0 and put every
+negative one below; a query whose thresholds (the best group and row not kept) are negative is searched again too.
 """
 
 from __future__ import annotations
@@ -80,12 +82,19 @@ class Bf16ExactBackend(StoreBackend):
             for start in range(0, padded, self.block_rows):
                 torch.matmul(rows16[start : start + self.block_rows], q16.T, out=approx[start : start + self.block_rows])
             approx[n:] = float("-inf")
-            group_max, groups = approx.view(g, m, batch).amax(0).T.topk(want + 1, dim=1)  # [B, want + 1]
+            # The scores' bits as int16 keys: maxima and top-k of int16 run ~4x faster than of bf16 (which converts
+            # every value), and a key orders like its score wherever the score is >= 0 (sign bit clear), below every
+            # such one where it is not. So the selection is exact whenever its thresholds are >= 0 (below).
+            keys = approx.view(torch.int16)
+            group_max, groups = keys.view(g, m, batch).amax(0).T.topk(want + 1, dim=1)  # [B, want + 1]
             members = (groups[:, :want, None] + torch.arange(g) * m).reshape(batch, want * g)
-            member_scores, best = approx[members, torch.arange(batch)[:, None]].topk(want + 1, dim=1)
+            member_keys, best = keys.view(-1).take(members * batch + torch.arange(batch)[:, None]).topk(want + 1, dim=1)
             candidates = members.gather(1, best[:, :want]).numpy()  # [B, want] rows
             # The highest bf16 score of any row not scored again: in a group not kept, or kept but not among the best.
-            left_out = torch.maximum(group_max[:, want], member_scores[:, want]).float().numpy()
+            # A negative threshold means the keys did not order those scores; +inf sends the query to the exact search.
+            edge = torch.stack([group_max[:, want], member_keys[:, want]], 1)  # [B, 2]
+            left_out = edge.amax(1).view(torch.bfloat16).float().numpy()
+            left_out[(edge.amin(1) < 0).numpy()] = np.inf
         exact = np.einsum("ebc,be->bc", np.take(self.store.columns, candidates, axis=1), q)  # [B, want] float32
         order = np.argsort(-exact, axis=1, kind="stable")[:, :kk]
         scores = np.full((batch, k), -np.inf, dtype=np.float32)
