@@ -92,15 +92,22 @@ def test_srcid_serve_drains_on_sigterm_and_keeps_its_catalog(service_bundle, tmp
     # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is -SIGTERM.
     assert server.terminate() in (0, -15)
     log = server.log_path.read_text()
-    assert "Application shutdown complete" in log and "index saved" in log and all(json.loads(line) for line in log.splitlines() if line.startswith("{"))
+    assert "Application shutdown complete" in log and "index saved" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    # The access log: a line per request, the 8 drained ones included.
+    encodes = [x for x in lines if x["message"] == "request" and x["route"] == "/encode"]
+    assert len(encodes) == 8 and all(x["status"] == 200 and x["ms"] > 0 for x in encodes)
 
-    again = ProcessServer(tmp_path / "serve2.log", **env)
+    again = ProcessServer(tmp_path / "serve2.log", **env, access_log="false")
     try:
         again.wait_ready()
         assert httpx.get(again.url + "/items/kept").status_code == 200
         assert httpx.get(again.url + "/readyz").json()["index"]["counts"]["audio"] == 1
     finally:
         again.terminate()
+    # SRCID_ACCESS_LOG=false: the other lines, but none per request.
+    messages = [json.loads(line)["message"] for line in again.log_path.read_text().splitlines() if line.startswith("{")]
+    assert "ready" in messages and "request" not in messages
 
 
 @pytest.mark.skipif(not (EMBEDDED / "bundle" / "manifest.json").is_file(), reason="no embedded bundle in srcid/assets/bundle")

@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for flag, _, kind, text in FLAGS:
         p.add_argument(flag, type=kind, default=None, help=text)
     p.add_argument("--no-demo", action="store_true", help="do not load the demo catalog (SRCID_DEMO_CATALOG=false)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no line per request; other logs stay (SRCID_ACCESS_LOG=false)")
     p.set_defaults(func=run)
 
 
@@ -62,11 +64,13 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_demo:
         overrides["demo_catalog"] = False
+    if args.no_access_log:
+        overrides["access_log"] = False
     settings = Settings(**overrides)
     if not settings.bundle.is_dir():
         what = "the embedded default bundle" if settings.uses_embedded_bundle else "bundle folder"
         raise FileNotFoundError(f"{what} {settings.bundle} not found (--bundle / SRCID_BUNDLE name another)")
-    log_config = configure(settings.log_level)
+    log_config = configure(settings.log_level, settings.access_log)
     logging.config.dictConfig(log_config)
     # uvicorn finishes requests in flight on SIGTERM/SIGINT (up to the graceful timeout), then the lifespan's
     # shutdown drains the batchers and saves the index.

@@ -41,8 +41,9 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str, option=_JSON_OPTIONS).decode()
 
 
-def configure(level: str) -> dict[str, Any]:
-    """Route the root, uvicorn and srcid loggers through JSON lines on stderr; returns uvicorn's log_config."""
+def configure(level: str, access_log: bool = True) -> dict[str, Any]:
+    """Route the root, uvicorn and srcid loggers through JSON lines on stderr; returns uvicorn's log_config.
+    Without `access_log`, the service's line per request is not written (nor built: its logger is not enabled)."""
     handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
     return {
         "version": 1,
@@ -54,5 +55,6 @@ def configure(level: str) -> dict[str, Any]:
             "uvicorn": {"handlers": [], "level": level.upper(), "propagate": True},
             "uvicorn.error": {"handlers": [], "level": level.upper(), "propagate": True},
             "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+            "srcid.service.access": {"level": level.upper() if access_log else "WARNING"},
         },
     }

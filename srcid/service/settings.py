@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, description="server processes, each with its own model, index and batchers")
     demo_catalog: bool = Field(True, description="load the shipped demo items into an empty catalog (embedded bundle only)")
     log_level: str = "info"
+    access_log: bool = Field(True, description="one JSON line per request (method, path, route, status, ms)")
 
     @model_validator(mode="after")
     def _derive_paths(self) -> "Settings":
