@@ -53,7 +53,7 @@ class Search:
     vector: np.ndarray | None = None
 
 
-Hit = tuple[str, float, str, dict[str, Any]]  # (id, score, modality, metadata) of a catalog item found
+ItemHit = tuple[str, float, str, dict[str, Any]]  # (id, score, modality, metadata); the index's own Hit is (id, score)
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Found:
     """A query's answer: up to k (id, score, modality, metadata) best first, and what encoding the query gave (None
     if it did not encode), for the cache."""
 
-    hits: list[Hit]
+    hits: list[ItemHit]
     encoded: Encoded | None
 
 
@@ -355,7 +355,7 @@ class ServiceState:
                 results[i] = Found([(h, s, *shown[h]) for h, s in found if shown[h] is not None], encoded[i])
         return results  # type: ignore[return-value]
 
-    async def retrieve(self, target: str, query: Query, k: int) -> list[Hit]:
+    async def retrieve(self, target: str, query: Query, k: int) -> list[ItemHit]:
         """The k catalog items of modality `target` nearest the query, best first: (id, score, modality, metadata)."""
         batcher = self.retrievers[target]
         key = None
