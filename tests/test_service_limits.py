@@ -98,14 +98,14 @@ def test_srcid_serve_drains_on_sigterm_and_keeps_its_catalog(service_bundle, tmp
     encodes = [x for x in lines if x["message"] == "request" and x["route"] == "/encode"]
     assert len(encodes) == 8 and all(x["status"] == 200 and x["ms"] > 0 for x in encodes)
 
-    again = ProcessServer(tmp_path / "serve2.log", **env, access_log="false")
+    again = ProcessServer(tmp_path / "serve2.log", ["--no-access-log"], **env)
     try:
         again.wait_ready()
         assert httpx.get(again.url + "/items/kept").status_code == 200
         assert httpx.get(again.url + "/readyz").json()["index"]["counts"]["audio"] == 1
     finally:
         again.terminate()
-    # SRCID_ACCESS_LOG=false: the other lines, but none per request.
+    # --no-access-log (SRCID_ACCESS_LOG=false): the other lines, but none per request.
     messages = [json.loads(line)["message"] for line in again.log_path.read_text().splitlines() if line.startswith("{")]
     assert "ready" in messages and "request" not in messages
 

@@ -32,6 +32,11 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--log-level", "log_level", str, "debug, info, warning, error (SRCID_LOG_LEVEL, info)"),
     ("--workers", "workers", int, "server processes, each with its own model and index (SRCID_WORKERS, 1)"),
 ]
+# switch -> the boolean Settings field it turns off (left unset without the switch, so the environment applies).
+OFF_SWITCHES: list[tuple[str, str, str]] = [
+    ("--no-demo", "demo_catalog", "do not load the demo catalog (SRCID_DEMO_CATALOG=false)"),
+    ("--no-access-log", "access_log", "no line per request; other logs stay (SRCID_ACCESS_LOG=false)"),
+]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -42,11 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "catalog under ./srcid-data filled with the shipped demo clips, on http://127.0.0.1:8000. Every flag "
         "has an SRCID_* environment variable (flags win); see docs/SERVICE.md.",
     )
-    for flag, _, kind, text in FLAGS:
-        p.add_argument(flag, type=kind, default=None, help=text)
-    p.add_argument("--no-demo", action="store_true", help="do not load the demo catalog (SRCID_DEMO_CATALOG=false)")
-    p.add_argument("--no-access-log", action="store_true",
-                   help="no line per request; other logs stay (SRCID_ACCESS_LOG=false)")
+    for flag, field, kind, text in FLAGS:
+        p.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    for switch, field, text in OFF_SWITCHES:
+        p.add_argument(switch, dest=field, action="store_const", const=False, default=None, help=text)
     p.set_defaults(func=run)
 
 
@@ -60,12 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from .settings import Settings
     from .state import WORKER_DIR_ENV
 
-    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field, _, _ in FLAGS}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if args.no_demo:
-        overrides["demo_catalog"] = False
-    if args.no_access_log:
-        overrides["access_log"] = False
+    fields = [field for _, field, _, _ in FLAGS] + [field for _, field, _ in OFF_SWITCHES]
+    overrides = {field: getattr(args, field) for field in fields if getattr(args, field) is not None}
     settings = Settings(**overrides)
     if not settings.bundle.is_dir():
         what = "the embedded default bundle" if settings.uses_embedded_bundle else "bundle folder"
