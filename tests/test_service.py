@@ -19,7 +19,7 @@ from srcid.index.backends import cpu_has_amx_bf16
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends, cache_key, to_features
 from srcid.service.metrics import Metrics
-from srcid.service.models import EncodeRequest, InputFields
+from srcid.service.models import EncodeRequest, EncodeResponse, InputFields, RetrieveResponse
 from srcid.service.routing import JSONBodyRoute
 from srcid.service.state import GC_YOUNG_THRESHOLD
 
@@ -37,6 +37,12 @@ def expected(reference, modality: str, inputs: list[dict]) -> dict[str, np.ndarr
     bundle, frontends = reference
     x, mask = to_features([InputFields(**i) for i in inputs], modality, bundle, frontends)
     return bundle.encode(modality, x, mask)
+
+
+def conforms(model, body: dict) -> bool:
+    """Whether an answer is what its response model (and so /openapi.json) says: /encode and /retrieve write theirs
+    without building the model, so a missing, extra or mistyped field would otherwise go unseen."""
+    return model.model_validate(body).model_dump(mode="json", exclude_none=True) == body
 
 
 def post(server, path: str, body, **kw) -> httpx.Response:
@@ -108,6 +114,7 @@ def test_encode_equals_the_runtime_on_every_input_kind(sqlite_service, reference
     assert r.status_code == 200, r.text
     body = r.json()
     want = expected(reference, modality, inputs)
+    assert conforms(EncodeResponse, body)
     assert body["bundle"] == sqlite_service.state.bundle_id and len(body["items"]) == len(inputs)
     for i, item in enumerate(body["items"]):
         assert item["layer1"] == want["layer1"][i].tolist() and item["layer2"] == want["layer2"][i].tolist()
@@ -144,7 +151,7 @@ def test_encode_cache_keys_tell_masks_and_kinds_of_features_apart():
 
 def test_encode_leaves_out_the_embedding_unless_asked(sqlite_service):
     r = post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "four"}]})
-    assert r.status_code == 200 and set(r.json()["items"][0]) == {"layer1", "layer2"}
+    assert r.status_code == 200 and set(r.json()["items"][0]) == {"layer1", "layer2"} and conforms(EncodeResponse, r.json())
 
 
 def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, reference):
@@ -377,13 +384,14 @@ def test_items_round_trip_and_retrieve(sqlite_service, reference):
     r = post(sqlite_service, "/retrieve", {"query": {"modality": "audio", "features": items[3]["features"]},
                                            "target": "audio", "top_k": 3})
     results = r.json()["results"]
-    assert r.status_code == 200 and len(results) == 3
+    assert r.status_code == 200 and len(results) == 3 and conforms(RetrieveResponse, r.json())
     assert results[0]["id"] == "a3" and results[0]["score"] > 0.999 and results[0]["metadata"] == {"n": 3}
     assert [x["score"] for x in results] == sorted((x["score"] for x in results), reverse=True)
     assert all(x["modality"] == "audio" for x in results)
 
     # By item id, across modalities: exactly the exact-search ranking of the stored embedding.
     r = post(sqlite_service, "/retrieve", {"query": {"item_id": "a3"}, "target": "video", "top_k": 10})
+    assert conforms(RetrieveResponse, r.json())
     video = [x["id"] for x in r.json()["results"]]
     vecs = {f"v{i}": expected(reference, "video", [{"features": items[5 + i]["features"]}])["embedding"][0] for i in range(3)}
     assert video == sorted(vecs, key=lambda k: -float(vecs[k] @ want["embedding"][0]))

@@ -21,6 +21,7 @@ from .settings import Settings
 from .state import ServiceState
 
 log = logging.getLogger("srcid.service.access")
+JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class Guard:
@@ -80,10 +81,13 @@ class Guard:
                     return
                 scope["route"] = route
                 try:
-                    response = await route.answer(self.state, body)
+                    answer = await route.answer(self.state, body)
                 except Exception as exc:  # noqa: BLE001 - answered as the app's error handlers answer it
-                    response = error_response_for(exc)
-                await response(scope, receive, send_recording)
+                    await error_response_for(exc)(scope, receive, send_recording)
+                    return
+                await send_recording({"type": "http.response.start", "status": 200,
+                                      "headers": [*JSON_HEADERS, (b"content-length", b"%d" % len(answer))]})
+                await send_recording({"type": "http.response.body", "body": answer})
             else:
                 await self.app(scope, receive, send_recording)
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,8 +31,9 @@ class InputFields(BaseModel):
                               "row-major, base64: the same input as `features`, smaller and cheaper to parse")
     mask: list[bool] = Field(None, description="with features of a masked modality: [T], true = real step")  # type: ignore[assignment]
 
-    @property
+    @cached_property  # a request asks several times; the fields do not change once validated
     def kind(self) -> str:
+        """Which of INPUT_FIELDS this input gives."""
         return next(f for f in INPUT_FIELDS if getattr(self, f) is not None)
 
     @model_validator(mode="after")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends
 
 from ..dependencies import get_state
-from ..models import ERROR_RESPONSES, RetrieveRequest, RetrieveResponse, RetrieveResult
+from ..models import ERROR_RESPONSES, RetrieveRequest, RetrieveResponse
 from ..routing import JSONBodyRoute
 from ..state import ServiceState
 
@@ -13,10 +15,9 @@ router = APIRouter(tags=["retrieve"], route_class=JSONBodyRoute)
 
 
 @router.post("/retrieve", response_model=RetrieveResponse, responses=ERROR_RESPONSES)
-async def retrieve(body: RetrieveRequest, state: ServiceState = Depends(get_state)) -> RetrieveResponse:
+async def retrieve(body: RetrieveRequest, state: ServiceState = Depends(get_state)) -> dict[str, Any]:
     """The `top_k` catalog items of modality `target` nearest the query (cosine of embeddings), best first.
     A query by `item_id` leaves that item out of its own results."""
     hits = await state.retrieve(body.target, body.query, body.top_k)
-    return RetrieveResponse(results=[
-        RetrieveResult(id=i, score=s, modality=modality, metadata=metadata) for i, s, modality, metadata in hits
-    ])
+    return {"results": [{"id": i, "score": s, "modality": modality, "metadata": metadata}
+                        for i, s, modality, metadata in hits]}
