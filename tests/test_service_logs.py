@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 
 import numpy as np
 
-from srcid.service.logs import JsonFormatter
+from srcid.service.logs import AccessLog, JsonFormatter
 
 
 def _record(created: float, **extra) -> logging.LogRecord:
@@ -60,3 +61,62 @@ def test_building_the_formatter_stops_the_lookups_its_lines_leave_out():
     (record,) = records
     assert record.thread is None and record.process is None and record.processName is None
     assert (record.pathname, record.lineno, record.funcName) == ("(unknown file)", 0, "(unknown function)")
+
+
+class _Writes:
+    """A stand-in for stderr that keeps each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_access_log_writes_whole_lines_in_blocks_after_a_short_wait(monkeypatch):
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    access = AccessLog()
+    fields = {"method": "POST", "path": "/encode", "route": "/encode", "status": 200, "ms": 1.25}
+
+    async def requests() -> list[int]:
+        for _ in range(100):
+            access.write(fields)
+        written = [len(stderr.writes)]
+        await asyncio.sleep(AccessLog.FLUSH_S * 3)  # no more requests: the rest go out on the timer
+        return written + [len(stderr.writes)]
+
+    before_wait, after_wait = asyncio.run(requests())
+    assert 0 < before_wait < after_wait
+    lines = "".join(stderr.writes).splitlines()
+    assert len(lines) == 100 and all(w.endswith("\n") and len(w.encode()) <= AccessLog.BLOCK_BYTES for w in stderr.writes)
+    line = json.loads(lines[0])
+    # The line JsonFormatter writes for the same request, but for the time stamp.
+    formatted = json.loads(JsonFormatter().format(_record(0.0, **fields)))
+    assert {**line, "time": None} == {**formatted, "message": "request", "time": None}
+    assert line["time"].endswith("Z") and len(line["time"]) == len("2026-12-01T13:27:25.250Z")
+
+
+def test_the_access_log_flush_writes_what_waits_and_its_logger_level_turns_it_off(monkeypatch):
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    access = AccessLog()
+
+    async def one_request() -> None:
+        access.write({"status": 200})
+        access.flush()  # what the app does at shutdown
+
+    asyncio.run(one_request())
+    assert [json.loads(w)["status"] for w in stderr.writes] == [200]
+    logger = logging.getLogger(AccessLog.NAME)
+    level = logger.level
+    try:
+        logger.setLevel(logging.INFO)
+        assert access.enabled()
+        logger.setLevel(logging.WARNING)
+        assert not access.enabled()
+    finally:
+        logger.setLevel(level)

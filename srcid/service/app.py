@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -15,12 +14,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from srcid import __version__
 
 from .errors import error_response, error_response_for, install_error_handlers
+from .logs import AccessLog
 from .routers import encode, health, items, retrieve
 from .routing import JSONBodyRoute
 from .settings import Settings
 from .state import ServiceState
 
-log = logging.getLogger("srcid.service.access")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -33,8 +32,8 @@ class Guard:
     time a request, as much as the rest of a batched /encode (docs/PERFORMANCE.md, Serve). Its errors get the
     answers the app's error handlers give."""
 
-    def __init__(self, app: ASGIApp, state: ServiceState, direct: dict[str, JSONBodyRoute]):
-        self.app, self.state, self.direct = app, state, direct
+    def __init__(self, app: ASGIApp, state: ServiceState, direct: dict[str, JSONBodyRoute], access: AccessLog):
+        self.app, self.state, self.direct, self.access = app, state, direct, access
 
     async def _read_body(self, receive: Receive, limit: int) -> bytes | None:
         chunks, size = [], 0
@@ -95,9 +94,9 @@ class Guard:
             path = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - start
             self.state.metrics.request_done(path, scope["method"], status["code"], elapsed)
-            if log.isEnabledFor(logging.INFO):
-                log.info("request", extra={"method": scope["method"], "path": scope["path"], "route": path,
-                                           "status": status["code"], "ms": round(elapsed * 1000, 2)})
+            if self.access.enabled():
+                self.access.write({"method": scope["method"], "path": scope["path"], "route": path,
+                                   "status": status["code"], "ms": round(elapsed * 1000, 2)})
 
 
 def _too_large(limit: int) -> Response:
@@ -132,10 +131,10 @@ class ServiceApp(FastAPI):
     """FastAPI with `Guard` as its outermost layer, outside even the error, telemetry and body-limit middleware
     FastAPI puts first: the point of Guard's direct routes is to skip those layers too."""
 
-    def put_guard_in_front(self, state: ServiceState, routes: list[BaseRoute]) -> None:
+    def put_guard_in_front(self, state: ServiceState, routes: list[BaseRoute], access: AccessLog) -> None:
         """Guard answers POSTs to the JSONBodyRoutes among `routes` (included without a prefix) itself."""
         direct = {r.path: r for r in routes if isinstance(r, JSONBodyRoute) and "POST" in r.methods}
-        self.guard = Guard(super().__call__, state, direct)
+        self.guard = Guard(super().__call__, state, direct, access)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.guard(scope, receive, send)
@@ -145,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for `settings` (default: from the environment). Loading starts with the server (lifespan)."""
     settings = settings or Settings()
     state = ServiceState(settings)
+    access = AccessLog()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -152,7 +152,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await state.stop()
+            try:
+                await state.stop()
+            finally:
+                access.flush()
 
     app = ServiceApp(
         title="srcid",
@@ -166,5 +169,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (encode.router, retrieve.router, items.router, health.router)
     for router in routers:
         app.include_router(router)
-    app.put_guard_in_front(state, [route for router in routers for route in router.routes])
+    app.put_guard_in_front(state, [route for router in routers for route in router.routes], access)
     return app
