@@ -327,6 +327,29 @@ def test_encode_and_retrieve_are_answered_in_front_of_the_framework(sqlite_servi
     assert reached == ["/healthz", "/encode"]
 
 
+def test_encode_and_retrieve_answer_the_same_through_the_framework(sqlite_service, monkeypatch):
+    """Where Guard leaves a POST to FastAPI (an app under a root path, say), the route's own handler gives the same
+    answers as Guard does."""
+    encode = {"modality": "text", "inputs": [{"text": "one two"}], "return_embedding": True}
+    retrieve = {"query": {"modality": "text", "text": "one two"}, "target": "audio"}
+    direct = [post(sqlite_service, path, body) for path, body in (("/encode", encode), ("/retrieve", retrieve))]
+    guard, reached = sqlite_service.app.guard, []
+    app = guard.app
+
+    async def recording(scope, receive, send):
+        reached.append(scope["path"])
+        await app(scope, receive, send)
+
+    monkeypatch.setattr(guard, "direct", {})
+    monkeypatch.setattr(guard, "app", recording)
+    framework = [post(sqlite_service, path, body) for path, body in (("/encode", encode), ("/retrieve", retrieve))]
+    assert reached == ["/encode", "/retrieve"]
+    for a, b in zip(direct, framework):
+        assert a.status_code == b.status_code == 200 and a.json() == b.json()
+        assert b.headers["content-type"] == "application/json"
+    assert conforms(EncodeResponse, framework[0].json()) and conforms(RetrieveResponse, framework[1].json())
+
+
 def test_unknown_routes(sqlite_service):
     assert_error(httpx.get(sqlite_service.url + "/nowhere"), 404, "not_found")
     assert_error(httpx.get(sqlite_service.url + "/encode"), 405, "method_not_allowed")
