@@ -232,3 +232,63 @@ def test_float64_and_integer_masks_are_accepted(bundle):
     np.testing.assert_array_equal(a["layer1"], b["layer1"])
     # no mask on a masked modality means every step is valid
     np.testing.assert_array_equal(bundle.encode("text", x)["layer1"], bundle.encode("text", x, np.ones((3, T), bool))["layer1"])
+
+
+# --- denormals flushed around the onnxruntime call ---
+
+
+def _flushes_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero now: 1e-30 * 1e-10 is 1e-40 in IEEE's gradual underflow."""
+    return np.float32(1e-30) * np.float32(1e-10) == 0
+
+
+def test_flushed_denormals_switches_the_calling_thread_for_the_block_only():
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no denormal flush (FTZ/DAZ)")
+    from srcid.runtime.backends import flushed_denormals
+
+    assert not _flushes_denormals()
+    with flushed_denormals():
+        assert _flushes_denormals()
+    assert not _flushes_denormals()
+    with pytest.raises(RuntimeError), flushed_denormals():
+        raise RuntimeError("the runtime failed")
+    assert not _flushes_denormals()
+
+
+def test_onnx_backend_runs_with_denormals_flushed_and_gives_the_same_outputs():
+    """The embedded bundle's ±1-step attention window makes denormals in onnxruntime's Softmax: the flushed run
+    must give the codes of an unflushed session to the bit, and the session must flush in its own threads too."""
+    import onnxruntime as ort
+
+    from srcid.service.settings import EMBEDDED_BUNDLE
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no denormal flush (FTZ/DAZ)")
+    bundle = load_bundle(EMBEDDED_BUNDLE, backend="onnx-cpu", threads=1)
+    assert not _flushes_denormals()  # onnxruntime's option flushes the thread that creates a session, for good
+    backend = bundle._backend
+    seen = []
+
+    class Recording:
+        def __init__(self, session):
+            self.session = session
+
+        def get_outputs(self):
+            return self.session.get_outputs()
+
+        def run(self, names, feeds):
+            seen.append(_flushes_denormals())
+            return self.session.run(names, feeds)
+
+    x = np.random.default_rng(0).standard_normal((64, bundle.manifest.T, 128)).astype(np.float32)
+    plain = ort.InferenceSession(str(EMBEDDED_BUNDLE / "audio.onnx"), providers=["CPUExecutionProvider"])
+    want = dict(zip([o.name for o in plain.get_outputs()], plain.run(None, {"features": x})))
+    session = backend.sessions["audio"]
+    assert session.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1"
+    backend.sessions["audio"] = Recording(session)
+    got = bundle.encode("audio", x)
+    assert seen == [True] and not _flushes_denormals()
+    np.testing.assert_array_equal(got["layer1"], want["layer1"])
+    np.testing.assert_array_equal(got["layer2"], want["layer2"])
+    np.testing.assert_allclose(got["embedding"], want["embedding"], rtol=0, atol=1e-6)
