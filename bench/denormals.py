@@ -49,6 +49,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (best kept)")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
+    if min(args.batches) < 1 or args.rounds < 1 or args.threads < 0 or args.seconds <= 0:
+        parser.error("--batches and --rounds take numbers >= 1, --threads >= 0, --seconds > 0")
 
     bundle = load_bundle(args.bundle, backend="onnx-cpu", threads=args.threads)
     manifest = bundle.manifest
