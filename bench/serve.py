@@ -20,7 +20,8 @@ This process is the load generator; each configuration runs `srcid serve` as a s
 both started before the first measurement; measurements alternate between them (--rounds, best kept), so one
 server works at a time and both see the same machine conditions. The catalog gets `--items` random unit vectors
 per modality through the catalog API (not HTTP) before the servers start; every server indexes the same catalog.
-Load is bounded: `--requests` requests per (endpoint, concurrency), spread over that many concurrent workers.
+Load is bounded: `--requests` requests per (endpoint, concurrency) (640, or 50 a worker where that is more), spread
+over that many concurrent workers.
 Requests carry precomputed features of `--modality` ([T, D...]; a nested JSON list, or float32 bytes with
 `--features-as b64`), so the figures are of the service and runtime, not of media decoding; /retrieve searches
 another modality's items. Ratios printed at the end compare the two configurations measured in this run.
@@ -44,6 +45,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 from tqdm import tqdm
+
+try:  # the load generator's own CPU a request is lower on uvloop (uvicorn[standard] installs it)
+    from uvloop import run as run_loop
+except ImportError:
+    from asyncio import run as run_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -125,27 +131,66 @@ def start_server(bundle: Path, data: Path, catalog_url: str, port: int, extra: d
     raise TimeoutError("server not ready in 600 s")
 
 
-class Connection:
-    """A minimal keep-alive HTTP/1.1 client on one socket: the load generator shares the 2 cores with the server,
-    so it must cost far less per request than the server does (httpx costs milliseconds)."""
+class Connection(asyncio.Protocol):
+    """A minimal keep-alive HTTP/1.1 client on one socket, one request at a time. The load generator shares the
+    2 cores with the server, so it must cost far less per request than the server does: httpx costs milliseconds,
+    and asyncio's streams (readuntil, readexactly) cost 70-200 µs of CPU a request, up to ~0.4 of a core at
+    5,000 req/s (docs/PERFORMANCE.md, Serve); this protocol parses the answer where it arrives."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
+        self.buffer = bytearray()
+        self.expected = 0  # bytes of head and body of the answer awaited, once its head is in
+        self.status = 0
+        self.waiter: asyncio.Future | None = None
 
     async def open(self) -> "Connection":
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.transport, _ = await asyncio.get_running_loop().create_connection(lambda: self, self.host, self.port)
         return self
 
     async def send(self, raw: bytes) -> int:
-        self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
-        await self.reader.readexactly(length)
-        return status
+        """Send one request; its answer's status, once the whole answer is in."""
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.expected:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).lower()
+            start = head.find(b"\r\ncontent-length:")
+            if start < 0:
+                self._fail(ConnectionError(f"an answer without Content-Length: {head[:200]!r}"))
+                return
+            stop = head.find(b"\r\n", start + 2)
+            self.status = int(head[9:12])
+            self.expected = end + 4 + int(head[start + 17 : stop if stop >= 0 else None])
+        if len(self.buffer) >= self.expected:
+            if len(self.buffer) > self.expected:
+                self._fail(ConnectionError("more bytes than the answer's Content-Length"))
+                return
+            self.buffer.clear()
+            self.expected = 0
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(self.status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("the server closed the connection"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
 
     def close(self) -> None:
-        self.writer.close()
+        self.transport.close()
+
+
+def requests_at(concurrency: int, requests: int | None) -> int:
+    """Requests of one measurement: as given, or 640, or 50 a connection where that is more."""
+    return requests if requests is not None else max(640, 50 * concurrency)
 
 
 def raw_request(path: str, body: dict | None, port: int) -> bytes:
@@ -261,7 +306,10 @@ def main() -> int:
                         help="request features as a nested JSON list (`features`) or float32 bytes (`features_b64`)")
     parser.add_argument("--index-kind", default="flat", choices=["flat", "ivf"], help="SRCID_INDEX_KIND of the servers")
     parser.add_argument("--items", type=int, default=100_000, help="catalog items per modality")
-    parser.add_argument("--requests", type=int, default=640, help="requests per endpoint and concurrency")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="requests per endpoint and concurrency (default: 640, or 50 a connection where that is "
+                        "more, 3,200 at 64: a measurement starts and ends with fewer requests in flight, which must "
+                        "be a small part of it)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--port", type=int, default=8931, help="first configuration: PORT, second: PORT + 1")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per figure (best kept)")
@@ -273,6 +321,11 @@ def main() -> int:
                         help="compare this checkout's server against the one of another checkout of srcid (a git "
                         "worktree of an earlier commit, say), both batching on")
     args = parser.parse_args()
+    for name in ("requests", "rounds"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if min(args.concurrency) < 1:
+        parser.error("--concurrency must be at least 1")
     configs = configurations(args.versus)
     sources: dict[str, Path | None] = {name: None for name in configs}
     if args.against is not None:
@@ -305,11 +358,12 @@ def main() -> int:
                                            tmp / f"{name.replace(' ', '-')}.log", sources[name])
             for endpoint in ("/encode", "/retrieve"):
                 for c in args.concurrency:
-                    bodies = bodies_for(endpoint, args.requests, args.modality, T, shape, seed=c, features_as=args.features_as)
+                    bodies = bodies_for(endpoint, requests_at(c, args.requests), args.modality, T, shape, seed=c,
+                                        features_as=args.features_as)
                     for _ in range(args.rounds):
                         for i, name in enumerate(configs):
                             before = stage_sums(args.port + i)
-                            figures = asyncio.run(load(args.port + i, endpoint, bodies, c))
+                            figures = run_loop(load(args.port + i, endpoint, bodies, c))
                             figures.update(stage_means(before, stage_sums(args.port + i)))
                             key = f"{name} {endpoint} c={c}"
                             if key not in results or figures["qps"] > results[key]["qps"]:
@@ -321,7 +375,8 @@ def main() -> int:
                               f"  p99 {figures['p99_ms']:7.1f} ms  failures {figures['failures']}  mean ms: {stages}", flush=True)
             # An endpoint that does nothing, through the same server and FastAPI's layers.
             top = max(args.concurrency)
-            floor = max((asyncio.run(load(args.port, "/healthz", [None] * args.requests, top)) for _ in range(args.rounds)),
+            gets = [None] * requests_at(top, args.requests)
+            floor = max((run_loop(load(args.port, "/healthz", gets, top)) for _ in range(args.rounds)),
                         key=lambda f: f["qps"])
             results[f"GET /healthz c={top}"] = floor
         finally:
@@ -342,7 +397,8 @@ def main() -> int:
             print(f"{endpoint:9s} c={c:<3d} {' / '.join(configs)} throughput: {first['qps'] / second['qps']:.2f}x, "
                   f"p99 {first['p99_ms']:.1f} / {second['p99_ms']:.1f} ms")
     info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "items_per_modality": args.items,
-            "requests": args.requests, "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
+            "requests": {c: requests_at(c, args.requests) for c in args.concurrency},
+            "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
             "modality": args.modality, "features_as": args.features_as, "index_kind": args.index_kind,
             "workers": args.workers, "configurations": configs,
             "sources": {name: str(src) if src else "this checkout" for name, src in sources.items()}, "results": results}
