@@ -75,7 +75,9 @@ def cache_key(bundle_id: str, modality: str, item: InputFields) -> str:
     h = hashlib.sha256(f"{bundle_id}\0{modality}\0{item.kind}\0".encode())
     value = getattr(item, item.kind)
     if item.kind == "features":
-        h.update(json.dumps(value, separators=(",", ":")).encode())
+        # The listed numbers as JSON, whichever parser read them (an array's floats print as the list's did).
+        listed = value.tolist() if isinstance(value, np.ndarray) else value
+        h.update(json.dumps(listed, separators=(",", ":")).encode())
     elif item.kind == "frames_b64":
         for frame in value:
             h.update(frame.encode() + b"\0")
@@ -191,7 +193,9 @@ INLINE_PREPARE_SIZE = 1 << 16
 
 
 def _leading_size(value: Any) -> int:
-    """Numbers in a nested list, judged by its first elements (exact for a rectangular one)."""
+    """Numbers in a nested list, judged by its first elements (exact for a rectangular one), or in an array."""
+    if isinstance(value, np.ndarray):
+        return value.size
     size = 1
     while isinstance(value, list) and value:
         size *= len(value)

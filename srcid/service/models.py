@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator, model_validator
 
 Modality = Literal["audio", "video", "text"]
 INPUT_FIELDS = ("text", "audio_b64", "video_b64", "frames_b64", "features", "features_b64")
 FEATURE_FIELDS = ("features", "features_b64")
 
+
+def _array_or_list(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A features list the body parser already made an array of (srcid/service/bodies.py) stays one."""
+    return value if isinstance(value, np.ndarray) else handler(value)
+
+
+# In the schema a nested list; in a request parsed by srcid/service/bodies.py, a rectangular one of numbers comes
+# as a float64 array of its shape.
+FeatureList = Annotated[list[Any], WrapValidator(_array_or_list)]
 
 ONE_INPUT = [{"required": [f]} for f in INPUT_FIELDS]
 MASK_NEEDS_FEATURES = {"mask": {"anyOf": [{"required": [f]} for f in FEATURE_FIELDS]}}
@@ -26,7 +36,7 @@ class InputFields(BaseModel):
     audio_b64: str = Field(None, description="a WAV/FLAC/OGG file, base64")  # type: ignore[assignment]
     video_b64: str = Field(None, description="an MP4/WebM file, base64")  # type: ignore[assignment]
     frames_b64: list[str] = Field(None, description="base64 PNG/JPEG frames, one per second")  # type: ignore[assignment]
-    features: list[Any] = Field(None, description="precomputed features, nested list [T][D...]")  # type: ignore[assignment]
+    features: FeatureList = Field(None, description="precomputed features, nested list [T][D...]")  # type: ignore[assignment]
     features_b64: str = Field(None, description="precomputed features [T][D...] as little-endian float32 bytes, "  # type: ignore[assignment]
                               "row-major, base64: the same input as `features`, smaller and cheaper to parse")
     mask: list[bool] = Field(None, description="with features of a masked modality: [T], true = real step")  # type: ignore[assignment]

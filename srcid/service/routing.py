@@ -1,5 +1,6 @@
-"""Route classes. Every JSON body is parsed with orjson: a /encode body of precomputed features is mostly numbers,
-and the standard library's json.loads of it was once the largest single cost on the event loop.
+"""Route classes. Every JSON body is parsed with orjson, and the listed features of a body on the hot path with
+simdjson (srcid/service/bodies.py): a /encode body of precomputed features is mostly numbers, and the standard
+library's json.loads of it was once the largest single cost on the event loop.
 
 `JSONBodyRoute`, for the endpoints on the hot path (/encode, /retrieve): the body validated against its model
 directly, the endpoint awaited, its answer (a dict of JSON values and numpy arrays) written by orjson (0.8 µs a
@@ -25,18 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
-
-def parse_json(body: bytes) -> Any:
-    """orjson, falling back to the standard parser for the NaN/Infinity literals Python's json writes (which orjson
-    refuses), so the features check can name the NaN (400) instead of the client getting a bare syntax error;
-    raises json.JSONDecodeError, as FastAPI expects of a request's json()."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:
-            return json.loads(body)
-        except UnicodeDecodeError as exc:  # a ValueError, but not one FastAPI or the routes below read as bad JSON
-            raise json.JSONDecodeError(f"not UTF-8 ({exc.reason})", "", exc.start) from None
+from .bodies import parse_body, parse_json
 
 
 class FastJSONRequest(Request):
@@ -80,7 +70,7 @@ class JSONBodyRoute(APIRoute):
         if not raw:
             raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
         try:
-            body = self.body_model.model_validate(parse_json(raw))
+            body = self.body_model.model_validate(parse_body(raw))
         except json.JSONDecodeError as exc:
             raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
                                            "input": {}, "ctx": {"error": exc.msg}}]) from None
