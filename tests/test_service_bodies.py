@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from srcid.service.bodies import LOOK_BYTES, parse_body, parse_json
 from srcid.service.models import EncodeRequest, Query
@@ -107,3 +109,43 @@ def test_the_request_models_keep_an_array_and_still_check_the_rest():
         EncodeRequest.model_validate({"modality": "audio", "inputs": [{"features": x, "text": "a"}]})
     with pytest.raises(ValueError, match="list"):
         EncodeRequest.model_validate({"modality": "audio", "inputs": [{"features": "no"}]})
+
+
+def _listed(value):
+    """parse_body's value with its arrays as lists, to compare with parse_json's."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _listed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_listed(v) for v in value]
+    return value
+
+
+_numbers = st.one_of(st.floats(allow_nan=False, width=64), st.integers(-(2**53), 2**53))
+_leaves = st.one_of(_numbers, st.booleans(), st.none(), st.text(max_size=3), st.just([1.5]), st.just([]))
+_rows = st.lists(st.one_of(_numbers, _leaves), min_size=0, max_size=4)
+_features_values = st.one_of(
+    st.lists(st.lists(_numbers, min_size=1, max_size=4), min_size=1, max_size=4),  # often rectangular
+    st.lists(_rows, max_size=4),
+    st.lists(st.lists(st.lists(_numbers, min_size=2, max_size=2), min_size=2, max_size=2), min_size=1, max_size=3),
+    _leaves,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(features=_features_values, extra=st.dictionaries(st.sampled_from(["mask", "note", "features"]),
+                                                         st.one_of(_leaves, _rows), max_size=2))
+def test_any_body_reads_as_parse_json_reads_it(features, extra):
+    raw = json.dumps({"modality": "audio", "inputs": [{"features": features, **extra}], "top_k": 3}).encode()
+    try:
+        want = parse_json(raw)
+    except json.JSONDecodeError:
+        with pytest.raises(json.JSONDecodeError):
+            parse_body(raw)
+        return
+    got = parse_body(raw)
+    assert _listed(got) == want
+    item = got["inputs"][0]
+    if isinstance(item.get("features"), np.ndarray):  # only a rectangle of numbers becomes an array
+        assert np.asarray(want["inputs"][0]["features"]).shape == item["features"].shape

@@ -1,17 +1,18 @@
 """Request bodies of listed features, parsed without a Python float per number.
 
 A /encode body of `[10, 128]` features as a nested JSON list cost the event loop ~76 µs before validation: orjson
-makes 1,280 Python floats (35 µs) and `np.asarray` walks them again (41 µs), against ~10 µs for the same features
-as `features_b64`. simdjson parses the body into its own tape and hands a whole rectangular list of numbers over as
-one buffer of doubles (docs/PERFORMANCE.md, Serve).
+makes 1,280 Python floats (35 µs) and `np.asarray` walks them again (41 µs), against ~4 µs to parse the same
+features as `features_b64`. simdjson parses the body into its own tape and hands a whole rectangular list of
+numbers over as one buffer of doubles: 34-35 µs for the same body (docs/PERFORMANCE.md, Serve).
 
 `parse_body(raw)` is what `parse_json(raw)` gives, except that every list under a "features" key that is a
 rectangular nest of numbers is a float64 ndarray of that shape. Anything this cannot read exactly goes to
 `parse_json` instead, as does a body without "features" in its first LOOK_BYTES, so a bad body gets the same
-answer either way: a body simdjson refuses (NaN, a 65-bit
-integer, bad UTF-8), an object with a key twice, features that are ragged, empty or hold a non-number, and any body with more `[` than the
-arrays accounted for (a `[` inside a string, or a one-element list where a number belongs, which simdjson's buffer
-would flatten away)."""
+answer either way: a body simdjson refuses (NaN, a 65-bit integer, bad UTF-8), an object with a key twice,
+features that are ragged, empty or hold a non-number, and any body with more `[` than the arrays accounted for (a
+`[` inside a string, or a one-element list where a number belongs, which simdjson's buffer would flatten away).
+Its numbers are float64, as numpy reads a list holding any float; integers are exact up to 2^53 (past that, a
+list of integers only may round differently from numpy's int64 on its way to float32)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class _NotPlain(Exception):
 
 
 def parse_body(raw: bytes) -> Any:
+    """A /encode or /retrieve body, its rectangles of listed features as arrays (the module docstring)."""
     if raw.find(FEATURES_KEY, 0, LOOK_BYTES) < 0:
         return parse_json(raw)
     arrays = [0]
