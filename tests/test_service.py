@@ -289,6 +289,8 @@ def test_not_json_an_empty_body_and_a_body_not_an_object(sqlite_service, path):
 
     assert_error(send(b"{not json"), 400, "invalid_json")
     assert_error(send(b'{"modality": "text", "inputs": [{"text": "\xc3("}]}'), 400, "invalid_json")  # not UTF-8
+    deep = b'{"modality": "audio", "inputs": [{"features": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    assert_error(send(deep), 400, "invalid_json")  # deeper than orjson and Python's json parse
     assert assert_error(send(b""), 422, "invalid_request")["message"] == "body: Field required"
     for not_an_object in (b"[]", b"null", b'"text"', b"3"):
         assert assert_error(send(not_an_object), 422, "invalid_request")["message"].startswith(

@@ -41,6 +41,8 @@ def parse_json(body: bytes) -> Any:
             return json.loads(body)
         except UnicodeDecodeError as exc:  # a ValueError, but not one FastAPI or the routes below read as bad JSON
             raise json.JSONDecodeError(f"not UTF-8 ({exc.reason})", "", exc.start) from None
+        except RecursionError:  # nested deeper than orjson's 1,024 levels and than the interpreter's stack
+            raise json.JSONDecodeError("nested too deeply", "", 0) from None
 
 
 class _NotPlain(Exception):
