@@ -57,9 +57,9 @@ class AccessLog:
     """The line per request (logger `srcid.service.access` at INFO, which turns it on and off), the same `json_line`
     as JsonFormatter's, built and written without logging's machinery. On the event loop, logging a line (a
     LogRecord, the handler's lock, a write and a flush per line) cost ~35 µs a request under load, a fifth of a
-    batched /encode (docs/PERFORMANCE.md, Serve). The lines go to stderr, as the other lines do, in blocks of whole lines of at
-    most BLOCK_BYTES (one write each, atomic on a pipe: worker processes sharing stderr never cut into each other's
-    lines): when a block is full, FLUSH_S after its first line, and at `flush()` on shutdown."""
+    batched /encode (docs/PERFORMANCE.md, Serve). The lines go to stderr, as the other lines do, in blocks of whole
+    lines of at most BLOCK_BYTES (one write each, atomic on a pipe: worker processes sharing stderr never cut into
+    each other's lines): when a block is full, FLUSH_S after its first line, and at `flush()` on shutdown."""
 
     NAME = "srcid.service.access"
     BLOCK_BYTES = 4096  # PIPE_BUF on Linux
