@@ -282,6 +282,24 @@ def test_bf16_backend_searches_again_where_its_thresholds_are_negative():
     assert bf16.fallbacks == 6  # the opposite queries only
 
 
+def test_bf16_backend_leaves_only_single_queries_to_blas():
+    """One query goes to the blas backend's matrix-vector product; two queries or more take the bf16 pass, which
+    beats OpenBLAS's product for 2-3 queries 1.5-2x (docs/PERFORMANCE.md, Search). Both give the exact answer."""
+    rng = np.random.default_rng(8)
+    n, dim = 6000, 32
+    vectors = unit(rng, n, dim)
+    keys = np.arange(n, dtype=np.int64)
+    bf16 = Bf16ExactBackend(dim, group=8, min_rows=0)
+    bf16.add(keys, vectors)
+    sizes: list[int] = []
+    exact_search = bf16.exact.search
+    bf16.exact.search = lambda q, k: sizes.append(len(q)) or exact_search(q, k)
+    for batch in (1, 2, 3):
+        queries = unit(rng, batch, dim)
+        assert (bf16.search(queries, 10)[1] == brute_force(queries, keys, vectors, 10)).all()
+    assert sizes == [1] and bf16.fallbacks == 0
+
+
 def test_bf16_error_bound_holds_for_torch_bf16_products():
     """The bound the bf16 backend's proof rests on, checked on this machine's bf16 kernel (a kernel that summed in
     bf16 instead of float32 would break it), vectors of unequal norms included."""

@@ -45,10 +45,13 @@ class Bf16ExactBackend(StoreBackend):
     query, the blas backend for the queries whose answer that cannot prove. Batches under `min_batch` queries and
     stores under `min_rows` rows (or too few for the candidates) go to the blas backend directly: there the bf16
     kernels' fixed cost outweighs their speed (at E = 128 on this project's AMX machine the two break even at 30-50k
-    rows; at 100k the bf16 backend takes 3.2 vs 6.7 ms for 4 queries, 9.1 vs 15.0 ms for 32)."""
+    rows; at 100k the bf16 backend takes 3.2 vs 6.7 ms for 4 queries, 9.1 vs 15.0 ms for 32). One query is the blas
+    backend's matrix-vector product, which reads the float32 rows once (100k: 4.4-4.9 vs 5.2-6.7 ms); from two on,
+    OpenBLAS's product costs several times one query's and bf16 is 1.5-2x faster (100k: 4.7-6.1 vs 7.7-10.2 ms for 2
+    queries, 5.3-6.4 vs 9.3-11.7 ms for 3; docs/PERFORMANCE.md, Search)."""
 
     def __init__(self, dim: int, store: VectorStore | None = None, group: int = 32, block_rows: int = 1 << 17,
-                 min_batch: int = 4, min_rows: int = 50_000):
+                 min_batch: int = 2, min_rows: int = 50_000):
         import torch
 
         super().__init__(dim, store)
