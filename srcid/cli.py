@@ -18,7 +18,8 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser: with `command`, only that sub-command's (its module alone is imported), else all of them."""
     parser = argparse.ArgumentParser(
         prog="srcid",
         description="Train SRCID models on paired audio/video/text features, export them to ONNX, "
@@ -26,13 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for _, module in COMMANDS:
-        importlib.import_module(module).add_parser(sub)
+    for name, module in COMMANDS:
+        if command is None or name == command:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # Only the named sub-command's module is imported: the training ones load torch (seconds), and `srcid serve`
+    # sets OpenMP up before torch loads (srcid/service/cli.py). Help without a command, or a wrong one, lists all.
+    named = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(named if named in dict(COMMANDS) else None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -54,7 +54,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def sleeping_openmp_threads() -> None:
+    """Let OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the environment says otherwise. With
+    SRCID_INDEX_THREADS above 1, torch's and faiss's OpenMP threads otherwise spin after each parallel region, and a
+    search has ~30 of them: the spinning takes the core the event loop needs (two threads served 1266 against 1647
+    req/s for one spinning, 1733 against 1732 sleeping; docs/PERFORMANCE.md, Serve). OpenMP reads the variable when
+    it loads, so this runs before anything imports torch."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def run(args: argparse.Namespace) -> int:
+    sleeping_openmp_threads()
     import logging.config
 
     import uvicorn
