@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from srcid.cli import COMMANDS, main
@@ -26,3 +29,12 @@ def test_a_wrong_command_is_a_usage_error_naming_the_choices(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'bogus'" in err and all(name in err for name, _ in COMMANDS)
+
+
+def test_a_named_command_imports_only_its_own_module():
+    """`srcid serve` must reach its own code before anything loads torch (it sets OpenMP up first), so the CLI may not
+    import the other sub-commands' modules, whose training code loads torch."""
+    code = ("import sys\nfrom srcid.cli import main\ntry:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'srcid.training.train_cli', 'srcid.training.export') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
