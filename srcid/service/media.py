@@ -75,7 +75,9 @@ def cache_key(bundle_id: str, modality: str, item: InputFields) -> str:
     h = hashlib.sha256(f"{bundle_id}\0{modality}\0{item.kind}\0".encode())
     value = getattr(item, item.kind)
     if item.kind == "features":
-        # The listed numbers as JSON, whichever parser read them (an array's floats print as the list's did).
+        # The listed numbers as JSON, whichever parser read them: an array's floats print as the list's did, but its
+        # integers print as floats (1.0, not 1), so integer features read by the two parsers key apart: a cache
+        # miss, never another input's hit.
         listed = value.tolist() if isinstance(value, np.ndarray) else value
         h.update(json.dumps(listed, separators=(",", ":")).encode())
     elif item.kind == "frames_b64":
