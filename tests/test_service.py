@@ -187,17 +187,21 @@ def test_64_concurrent_encodes_equal_their_unbatched_answers(sqlite_service, ref
 
 def test_small_feature_and_text_inputs_skip_the_decode_threads(sqlite_service, reference, monkeypatch):
     """Checked on the event loop when cheaper than a thread hop; media and large feature inputs still go to a
-    decode thread. The answers are the runtime's either way."""
+    decode thread, and only those are announced to the batcher as coming (one checked on the loop, announced, made
+    a batch being gathered wait for it). The answers are the runtime's either way."""
     pool = sqlite_service.state.decode_pool
     handed: list[str] = []
     submit = pool.submit
     monkeypatch.setattr(pool, "submit", lambda fn, *args: handed.append(fn.__name__) or submit(fn, *args))
+    for batcher in sqlite_service.state.encoders.values():
+        monkeypatch.setattr(batcher, "coming", lambda coming=batcher.coming: handed.append("coming") or coming())
     cases = [
         ("audio", [{"features": random_features("audio", 7).tolist()}], []),
         ("text", [{"text": "one two three"}], []),
-        ("audio", [{"audio_b64": b64(wav_bytes())}], ["prepare"]),
+        ("audio", [{"audio_b64": b64(wav_bytes())}], ["coming", "prepare"]),
         # 52 inputs of [10, 128] hold 66,560 numbers, past INLINE_PREPARE_SIZE (rounded: the body stays under 1 MB)
-        ("audio", [{"features": np.round(random_features("audio", 200 + i).astype(np.float64), 2).tolist()} for i in range(52)], ["prepare"]),
+        ("audio", [{"features": np.round(random_features("audio", 200 + i).astype(np.float64), 2).tolist()} for i in range(52)],
+         ["coming", "prepare"]),
     ]
     for modality, inputs, threads in cases:
         handed.clear()

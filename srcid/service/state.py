@@ -281,10 +281,21 @@ class ServiceState:
                            f"is unavailable ({self.features_only[modality]})", code="frontend_unavailable")
         return bundle
 
-    async def _prepare(self, items: Sequence[InputFields], modality: str, bundle: Bundle, where: str) -> Prepared:
+    async def _prepare_and_enqueue(
+        self, batcher: MicroBatcher, items: Sequence[InputFields], modality: str, bundle: Bundle, where: str,
+        payload: Callable[[Prepared], tuple[Any, int]],
+    ) -> asyncio.Future:
+        """Prepare `items` and queue `payload(job)`, (what the batch function gets, its rows), on `batcher`.
+
+        Only a prepare in the decode pool is announced as coming, so that a batch being gathered waits for it. One
+        on the event loop ends before the loop does anything else; announced, a batcher thread that took the
+        interpreter lock while numpy gave it up inside the features check saw it, waited for it, and then for the
+        busy loop to hand the lock back: ~3 ms a batch at 64 in flight (docs/PERFORMANCE.md, Serve)."""
         if cheap_to_prepare(items):
-            return prepare(items, modality, bundle, where)
-        return await self.run_in(self.decode_pool, prepare, items, modality, bundle, where)
+            return batcher.enqueue(*payload(prepare(items, modality, bundle, where)))
+        with batcher.coming():
+            job = await self.run_in(self.decode_pool, prepare, items, modality, bundle, where)
+            return batcher.enqueue(*payload(job))
 
     async def encode(self, modality: str, inputs: Sequence[InputFields], where: str = "inputs") -> list[Encoded]:
         """INPUTs of one modality -> per input {"layer1" [T], "layer2" [T], "embedding" [E]} (cache, then batcher)."""
@@ -293,10 +304,8 @@ class ServiceState:
         found: list[Encoded | None] = await self.cache.get_many(keys) if self.cache else [None] * len(inputs)
         todo = [i for i, hit in enumerate(found) if hit is None]
         if todo:
-            batcher = self.encoders[modality]
-            with batcher.coming():
-                job = await self._prepare([inputs[i] for i in todo], modality, bundle, where)
-                waiting = batcher.enqueue(job, rows=len(job))
+            waiting = await self._prepare_and_enqueue(self.encoders[modality], [inputs[i] for i in todo], modality,
+                                                      bundle, where, lambda job: (job, len(job)))
             out = await waiting
             fresh = {}
             for row, i in enumerate(todo):
@@ -371,9 +380,8 @@ class ServiceState:
             if hit is not None:
                 waiting = batcher.enqueue(Search(k, vector=hit["embedding"]))
             else:
-                with batcher.coming():
-                    job = await self._prepare([query], query.modality, bundle, "query")
-                    waiting = batcher.enqueue(Search(k, job=job))
+                waiting = await self._prepare_and_enqueue(batcher, [query], query.modality, bundle, "query",
+                                                          lambda job: (Search(k, job=job), 1))
         found: Found = await waiting
         if key is not None and found.encoded is not None:
             await self.cache.put_many({key: found.encoded})  # type: ignore[union-attr]
