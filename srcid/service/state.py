@@ -285,12 +285,14 @@ class ServiceState:
         self, batcher: MicroBatcher, items: Sequence[InputFields], modality: str, bundle: Bundle, where: str,
         payload: Callable[[Prepared], tuple[Any, int]],
     ) -> asyncio.Future:
-        """Prepare `items` and queue `payload(job)`, (what the batch function gets, its rows), on `batcher`.
+        """Prepare `items` and queue the job on `batcher`; `payload(job)` gives what the batch function gets and
+        its rows.
 
-        Only a prepare in the decode pool is announced as coming, so that a batch being gathered waits for it. One
-        on the event loop ends before the loop does anything else; announced, a batcher thread that took the
-        interpreter lock while numpy gave it up inside the features check saw it, waited for it, and then for the
-        busy loop to hand the lock back: ~3 ms a batch at 64 in flight (docs/PERFORMANCE.md, Serve)."""
+        Only a prepare in the decode pool is announced as coming, so that a batch being gathered waits for it. A
+        prepare on the event loop ends before the loop does anything else, so nothing is gained by waiting for it.
+        When it was announced, the batcher thread saw it whenever numpy gave up the interpreter lock inside the
+        features check. The thread then waited for it, and again for the busy loop to hand the lock back: ~3 ms a
+        batch at 64 in flight (docs/PERFORMANCE.md, Serve)."""
         if cheap_to_prepare(items):
             return batcher.enqueue(*payload(prepare(items, modality, bundle, where)))
         with batcher.coming():
