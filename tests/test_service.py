@@ -193,7 +193,8 @@ def test_small_feature_and_text_inputs_skip_the_decode_threads(sqlite_service, r
     handed: list[str] = []
     submit = pool.submit
     monkeypatch.setattr(pool, "submit", lambda fn, *args: handed.append(fn.__name__) or submit(fn, *args))
-    for batcher in sqlite_service.state.encoders.values():
+    state = sqlite_service.state
+    for batcher in [*state.encoders.values(), *state.retrievers.values()]:
         monkeypatch.setattr(batcher, "coming", lambda coming=batcher.coming: handed.append("coming") or coming())
     cases = [
         ("audio", [{"features": random_features("audio", 7).tolist()}], []),
@@ -210,6 +211,12 @@ def test_small_feature_and_text_inputs_skip_the_decode_threads(sqlite_service, r
         assert handed == threads, (modality, len(inputs))
         want = expected(reference, modality, inputs)
         assert [item["layer1"] for item in r.json()["items"]] == want["layer1"].tolist()
+    for query, threads in (({"features": random_features("audio", 7).tolist()}, []),
+                           ({"audio_b64": b64(wav_bytes())}, ["coming", "prepare"])):  # a /retrieve query: the same split
+        handed.clear()
+        r = post(sqlite_service, "/retrieve", {"query": {"modality": "audio", **query}, "target": "video"})
+        assert r.status_code == 200, r.text
+        assert handed == threads, query.keys()
 
 
 # -- errors ---------------------------------------------------------------------------------------------------
