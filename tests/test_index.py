@@ -14,7 +14,7 @@ from srcid.index.config import IndexConfig
 from srcid.index.ivf import recall_at_10
 from srcid.index.modality_index import ModalityIndex
 from srcid.index.prefilter import Bf16ExactBackend, bf16_error_bound
-from srcid.index.rows import VectorStore, bf16_bits
+from srcid.index.rows import ROW_ALIGNMENT, VectorStore, aligned_empty, bf16_bits
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -331,6 +331,25 @@ def test_bf16_bits_round_like_torch_and_follow_the_store():
     _, live = store.live()
     assert (store.bf16[: len(store)] == bf16_bits(live)).all()
     assert store.max_norm == pytest.approx(2.0)
+
+
+def test_aligned_empty_starts_on_the_boundary_and_holds_its_shape():
+    for shape, dtype in [((1000, 128), np.uint16), ((3, 5), np.float32), ((1, 7), np.uint16), ((17,), np.int64)]:
+        for _ in range(8):  # fresh buffers land at different offsets
+            a = aligned_empty(shape, dtype)
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+            assert a.ctypes.data % ROW_ALIGNMENT == 0
+            a[...] = 1
+            assert (a == 1).all()
+    # A store's bf16 rows, large enough to be allocated apart from the heap (where malloc's 16-byte header lands
+    # them off the boundary), when first kept and when grown.
+    rng = np.random.default_rng(5)
+    store = VectorStore(128)
+    store.add(np.arange(3000, dtype=np.int64), unit(rng, 3000, 128))
+    store.keep_bf16()
+    assert store.bf16.ctypes.data % ROW_ALIGNMENT == 0
+    store.add(np.arange(3000, 70000, dtype=np.int64), unit(rng, 67000, 128))
+    assert store.bf16.ctypes.data % ROW_ALIGNMENT == 0
 
 
 def test_amx_detection_reads_the_cpu_flags(tmp_path):
