@@ -12,6 +12,7 @@ import torch
 from test_export_support import avdigits, built_bundle, one_torch_thread, random_inputs  # noqa: F401
 
 from srcid.runtime import BackendUnavailable, BundleError, load_bundle
+from srcid.runtime.backends import denormals_flushed, flushed_denormals
 from srcid.runtime.manifest import sha256_file
 from srcid.training.checkpoint import load_model
 
@@ -237,23 +238,30 @@ def test_float64_and_integer_masks_are_accepted(bundle):
 # --- denormals flushed around the onnxruntime call ---
 
 
-def _flushes_denormals() -> bool:
-    """Whether this thread flushes denormal floats to zero now: 1e-30 * 1e-10 is 1e-40 in IEEE's gradual underflow."""
-    return np.float32(1e-30) * np.float32(1e-10) == 0
-
-
 def test_flushed_denormals_switches_the_calling_thread_for_the_block_only():
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU has no denormal flush (FTZ/DAZ)")
-    from srcid.runtime.backends import flushed_denormals
-
-    assert not _flushes_denormals()
+    assert not denormals_flushed()
     with flushed_denormals():
-        assert _flushes_denormals()
-    assert not _flushes_denormals()
+        assert denormals_flushed()
+    assert not denormals_flushed()
     with pytest.raises(RuntimeError), flushed_denormals():
         raise RuntimeError("the runtime failed")
-    assert not _flushes_denormals()
+    assert not denormals_flushed()
+    # A block inside another, or in a thread that flushes of its own accord, leaves it flushing.
+    with flushed_denormals():
+        with flushed_denormals():
+            pass
+        assert denormals_flushed()
+    assert not denormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        with flushed_denormals():
+            pass
+        assert denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
+    assert np.float32(1e-30) * np.float32(1e-10) > 0, "denormals_flushed itself must not change the thread's state"
 
 
 def test_onnx_backend_runs_with_denormals_flushed_and_gives_the_same_outputs():
@@ -266,7 +274,7 @@ def test_onnx_backend_runs_with_denormals_flushed_and_gives_the_same_outputs():
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU has no denormal flush (FTZ/DAZ)")
     bundle = load_bundle(EMBEDDED_BUNDLE, backend="onnx-cpu", threads=1)
-    assert not _flushes_denormals()  # onnxruntime's option flushes the thread that creates a session, for good
+    assert not denormals_flushed()  # onnxruntime's option flushes the thread that creates a session, for good
     backend = bundle._backend
     seen = []
 
@@ -278,7 +286,7 @@ def test_onnx_backend_runs_with_denormals_flushed_and_gives_the_same_outputs():
             return self.session.get_outputs()
 
         def run(self, names, feeds):
-            seen.append(_flushes_denormals())
+            seen.append(denormals_flushed())
             return self.session.run(names, feeds)
 
     x = np.random.default_rng(0).standard_normal((64, bundle.manifest.T, 128)).astype(np.float32)
@@ -288,7 +296,7 @@ def test_onnx_backend_runs_with_denormals_flushed_and_gives_the_same_outputs():
     assert session.get_session_options().get_session_config_entry("session.set_denormal_as_zero") == "1"
     backend.sessions["audio"] = Recording(session)
     got = bundle.encode("audio", x)
-    assert seen == [True] and not _flushes_denormals()
+    assert seen == [True] and not denormals_flushed()
     np.testing.assert_array_equal(got["layer1"], want["layer1"])
     np.testing.assert_array_equal(got["layer2"], want["layer2"])
     np.testing.assert_allclose(got["embedding"], want["embedding"], rtol=0, atol=1e-6)

@@ -29,13 +29,22 @@ class Backend(Protocol):
         ...
 
 
+def denormals_flushed() -> bool:
+    """Whether the calling thread flushes denormal floats to zero now: 1e-30 * 1e-10 is 1e-40 in IEEE's gradual
+    underflow and 0 with either FTZ or DAZ set (torch can set the bits but not read them)."""
+    return bool(np.float32(1e-30) * np.float32(1e-10) == 0)
+
+
 @contextlib.contextmanager
 def flushed_denormals() -> Iterator[None]:
     """Denormal floats flushed to zero in the calling thread for the block (the FTZ and DAZ bits of its SSE control
-    register, through torch.set_flush_denormal; a no-op on CPUs without them), then back to IEEE's gradual
-    underflow, the default, for the caller's own float work."""
+    register, through torch.set_flush_denormal; a no-op on CPUs without them), then as the block found them: IEEE's
+    gradual underflow for the caller's own float work, unless the caller flushes too (an enclosing block, say)."""
     import torch
 
+    if denormals_flushed():
+        yield
+        return
     torch.set_flush_denormal(True)
     try:
         yield
