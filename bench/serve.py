@@ -10,6 +10,7 @@ on with other settings.
     python bench/serve.py --features-as b64             # features sent as float32 bytes (features_b64)
     python bench/serve.py --workers 2                   # both servers with two worker processes
     python bench/serve.py --versus WORKERS=2            # one worker process vs two, batching on
+    python bench/serve.py --set CACHE_URL=redis://127.0.0.1:6379/0  # both servers with the Redis encode cache
     git worktree add /tmp/before HEAD~1 && python bench/serve.py --against /tmp/before  # this code vs other code
 
 The run ends with two reference figures: the encoder alone in this process at batch 64 vs 1 (the most batching can
@@ -63,15 +64,19 @@ BATCHING_ON = {"MAX_BATCH": "64", "BATCH_WAIT_MS": "5"}
 BATCHING_OFF = {"MAX_BATCH": "1", "BATCH_WAIT_MS": "0"}
 
 
+def settings(items: list[str], flag: str) -> dict[str, str]:
+    """KEY=VALUE items (SRCID_ left out) as a dict."""
+    try:
+        return dict(item.split("=", 1) for item in items)
+    except ValueError:
+        raise SystemExit(f"{flag} takes KEY=VALUE settings (SRCID_ left out), got {items}") from None
+
+
 def configurations(versus: list[str]) -> dict[str, dict[str, str]]:
     """The two servers' SRCID_* settings by name: batching on and off, or batching on against `versus` (KEY=VALUE)."""
     if not versus:
         return {"batching on": BATCHING_ON, "batching off": BATCHING_OFF}
-    try:
-        other = dict(item.split("=", 1) for item in versus)
-    except ValueError:
-        raise SystemExit(f"--versus takes KEY=VALUE settings (SRCID_ left out), got {versus}") from None
-    return {"default": BATCHING_ON, " ".join(versus): {**BATCHING_ON, **other}}
+    return {"default": BATCHING_ON, " ".join(versus): {**BATCHING_ON, **settings(versus, "--versus")}}
 
 
 def fill_catalog(url: str, bundle_dir: Path, n: int, seed: int = 0) -> None:
@@ -317,6 +322,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="SRCID_WORKERS of both servers")
     parser.add_argument("--versus", nargs="+", default=[], metavar="KEY=VALUE",
                         help="compare batching on with the defaults against batching on with these SRCID_ settings")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="shared",
+                        help="SRCID_ settings of both servers (CACHE_URL=redis://127.0.0.1:6379/0, say)")
     parser.add_argument("--against", type=Path, default=None, metavar="CHECKOUT",
                         help="compare this checkout's server against the one of another checkout of srcid (a git "
                         "worktree of an earlier commit, say), both batching on")
@@ -327,6 +334,7 @@ def main() -> int:
     if min(args.concurrency) < 1:
         parser.error("--concurrency must be at least 1")
     configs = configurations(args.versus)
+    shared = settings(args.shared, "--set")
     sources: dict[str, Path | None] = {name: None for name in configs}
     if args.against is not None:
         if args.versus:
@@ -353,8 +361,8 @@ def main() -> int:
         procs = {}
         try:
             for i, (name, extra) in enumerate(configs.items()):
-                procs[name] = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port + i,
-                                           {"WORKERS": str(args.workers), **extra, "INDEX_KIND": args.index_kind},
+                env = {"WORKERS": str(args.workers), "INDEX_KIND": args.index_kind, **shared, **extra}
+                procs[name] = start_server(args.bundle, tmp / name.replace(" ", "-"), catalog_url, args.port + i, env,
                                            tmp / f"{name.replace(' ', '-')}.log", sources[name])
             for endpoint in ("/encode", "/retrieve"):
                 for c in args.concurrency:
@@ -400,7 +408,7 @@ def main() -> int:
             "requests": {c: requests_at(c, args.requests) for c in args.concurrency},
             "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
             "modality": args.modality, "features_as": args.features_as, "index_kind": args.index_kind,
-            "workers": args.workers, "configurations": configs,
+            "workers": args.workers, "shared_settings": shared, "configurations": configs,
             "sources": {name: str(src) if src else "this checkout" for name, src in sources.items()}, "results": results}
     if args.out:
         args.out.write_text(json.dumps(info, indent=1))
