@@ -8,6 +8,7 @@ import json
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 from fastapi import APIRouter
 from conftest import SERVICE_API_KEY
@@ -147,6 +148,28 @@ def test_encode_cache_keys_tell_masks_and_kinds_of_features_apart():
     keys = [cache_key("v1-bundle", "text", item) for item in inputs]
     assert len(set(keys)) == len(inputs)
     assert keys == [cache_key("v1-bundle", "text", InputFields(**item.model_dump(exclude_none=True))) for item in inputs]
+
+
+def test_listed_features_key_by_the_array_the_check_reads_whichever_parser_read_them():
+    from srcid.service.bodies import parse_body
+
+    x = random_features("audio", 2)
+    key = lambda features: cache_key("v1-bundle", "audio", InputFields(features=features))  # noqa: E731
+    as_json = orjson.dumps({"features": x.tolist()})
+    simdjson_read = parse_body(as_json)["features"]
+    assert isinstance(simdjson_read, np.ndarray) and key(simdjson_read) == key(orjson.loads(as_json)["features"])
+    integers = np.arange(x.size).reshape(x.shape) - 600
+    assert key(integers.tolist()) == key(integers.astype(np.float64)) == key((integers * 1.0).tolist())
+    assert key(x.tolist()) != key(x.reshape(x.shape[1], x.shape[0]).tolist())  # same numbers, another shape
+    changed = x.copy()
+    changed[3, 7] = np.nextafter(changed[3, 7], np.inf)
+    assert key(changed.tolist()) != key(x.tolist())
+    # Past 2^53 an integer and the float64 it rounds to can encode differently (float32 rounds the integer once).
+    big = [[2**53 + 1] * x.shape[1]] * x.shape[0]
+    assert key(big) != key(np.asarray(big, dtype=np.float64))
+    # Features the check refuses (ragged, not numbers) still get keys, apart from each other and from arrays'.
+    refused = {key(f) for f in ([[1.0, 2.0], [3.0]], [["a"] * 2], [[True, False]], [[1.0, "2"]])}
+    assert len(refused) == 4 and not refused & {key([]), key([[1.0, 2.0]]), key([[1, 0]])}
 
 
 def test_encode_leaves_out_the_embedding_unless_asked(sqlite_service):
