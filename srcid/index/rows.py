@@ -62,7 +62,8 @@ class RowTable:
 
 
 # oneDNN's bf16 product reads rows on a 64-byte boundary faster: [100k, 128] by 32 queries took 1.91 against 2.62 ms
-# from rows at a 16-byte offset (numpy's own alignment), one thread (docs/PERFORMANCE.md, Search).
+# from rows at a 16-byte offset (where numpy's allocator puts them), one thread, when the machine was quiet; within
+# the noise when it was busy (bench/bf16_alignment.py; docs/PERFORMANCE.md, Search).
 ROW_ALIGNMENT = 64
 
 
