@@ -33,6 +33,21 @@ def _item(item_id: str, modality: str = "audio", seed: int = 0, **extra):
     return make_item(item_id, modality, vec, DIM, **extra)
 
 
+def test_metadata_reads_many_items_in_order_whatever_their_metadata_holds(catalog_url, monkeypatch):
+    import srcid.index.redis_catalog as redis_catalog
+
+    monkeypatch.setattr(redis_catalog, "METADATA_CHUNK", 3)  # several script calls for one read
+    odd = {"title": 'say "hi" \\ / \u00e9\u4e2d \U0001f600', "n": [1, 2.5, None, True], "nested": {"": {}}}
+    with open_catalog(catalog_url, DIM, "b1") as cat:
+        cat.add([_item(f"i{k}", ("audio", "video", "text")[k % 3], seed=k, metadata={"k": k}) for k in range(8)]
+                + [_item('quote"d/\\id', metadata=odd)])
+        ids = ["i7", "missing", 'quote"d/\\id', "i0", "i7", *[f"i{k}" for k in range(1, 7)]]
+        got = cat.metadata_many(ids)
+        assert got[:5] == [("video", {"k": 7}), None, ("audio", odd), ("audio", {"k": 0}), ("video", {"k": 7})]
+        assert got[5:] == [(("audio", "video", "text")[k % 3], {"k": k}) for k in range(1, 7)]
+        assert cat.metadata_many([]) == []
+
+
 def test_add_get_delete_and_change_log(catalog_url):
     with open_catalog(catalog_url, DIM, "b1") as cat:
         codes = {"layer1": [1, 2, 3], "layer2": [4, 5, 6]}
