@@ -11,6 +11,7 @@ on with other settings.
     python bench/serve.py --workers 2                   # both servers with two worker processes
     python bench/serve.py --versus WORKERS=2            # one worker process vs two, batching on
     python bench/serve.py --set CACHE_URL=redis://127.0.0.1:6379/0  # both servers with the Redis encode cache
+    python bench/serve.py --catalog-url 'redis://127.0.0.1:6379/7?durability=none'  # the catalog in Redis
     git worktree add /tmp/before HEAD~1 && python bench/serve.py --against /tmp/before  # this code vs other code
 
 The run ends with two reference figures: the encoder alone in this process at batch 64 vs 1 (the most batching can
@@ -19,8 +20,9 @@ through FastAPI's middleware and routing, which POSTs to /encode and /retrieve s
 
 This process is the load generator; each configuration runs `srcid serve` as a separate process on loopback,
 both started before the first measurement; measurements alternate between them (--rounds, best kept), so one
-server works at a time and both see the same machine conditions. The catalog gets `--items` random unit vectors
-per modality through the catalog API (not HTTP) before the servers start; every server indexes the same catalog.
+server works at a time and both see the same machine conditions. The catalog (a temporary SQLite file, or the empty one
+`--catalog-url` names) gets `--items` random unit vectors per modality through the catalog API (not HTTP) before the
+servers start; every server indexes the same catalog.
 Load is bounded: `--requests` requests per (endpoint, concurrency) (640, or 50 a worker where that is more), spread
 over that many concurrent workers.
 Requests carry precomputed features of `--modality` ([T, D...]; a nested JSON list, or float32 bytes with
@@ -84,6 +86,8 @@ def fill_catalog(url: str, bundle_dir: Path, n: int, seed: int = 0) -> None:
     bundle = load_bundle(bundle_dir, backend="onnx-cpu")
     dim = bundle.manifest.embedding_dim
     catalog = open_catalog(url, dim, bundle_id(bundle))
+    if catalog.count():
+        raise SystemExit(f"catalog {url} holds {catalog.count()} items already; give an empty one")
     rng = np.random.default_rng(seed)
     chunk = 5000
     with tqdm(total=n * len(bundle.modalities), desc="catalog", unit="item") as bar:
@@ -311,6 +315,9 @@ def main() -> int:
                         help="request features as a nested JSON list (`features`) or float32 bytes (`features_b64`)")
     parser.add_argument("--index-kind", default="flat", choices=["flat", "ivf"], help="SRCID_INDEX_KIND of the servers")
     parser.add_argument("--items", type=int, default=100_000, help="catalog items per modality")
+    parser.add_argument("--catalog-url", default=None,
+                        help="an empty catalog to fill and serve from (redis://127.0.0.1:6379/7?durability=none, say); "
+                        "default: a SQLite file in a temporary folder")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests per endpoint and concurrency (default: 640, or 50 a connection where that is "
                         "more, 3,200 at 64: a measurement starts and ends with fewer requests in flight, which must "
@@ -353,7 +360,7 @@ def main() -> int:
             _, args.bundle = build_bundle(tmp)
         manifest = load_bundle(args.bundle, backend="onnx-cpu").manifest
         T, shape = manifest.T, list(manifest.modalities[args.modality].shape)
-        catalog_url = f"sqlite:///{tmp / 'catalog.db'}"
+        catalog_url = args.catalog_url or f"sqlite:///{tmp / 'catalog.db'}"
         fill_catalog(catalog_url, args.bundle, args.items)
         # Both servers run at once (an idle one costs nothing) and the measurements alternate between them for
         # --rounds rounds, keeping each one's best: on a shared machine the load drifts within a run, and
@@ -408,6 +415,7 @@ def main() -> int:
             "requests": {c: requests_at(c, args.requests) for c in args.concurrency},
             "bundle": "paper dims, untrained" if args.paper_dims else str(args.bundle),
             "modality": args.modality, "features_as": args.features_as, "index_kind": args.index_kind,
+            "catalog": "sqlite (temporary)" if args.catalog_url is None else args.catalog_url,
             "workers": args.workers, "shared_settings": shared, "configurations": configs,
             "sources": {name: str(src) if src else "this checkout" for name, src in sources.items()}, "results": results}
     if args.out:
