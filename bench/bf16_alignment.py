@@ -22,16 +22,14 @@ import numpy as np
 import torch
 
 from srcid.index.prefilter import Bf16ExactBackend
-from srcid.index.rows import ROW_ALIGNMENT
+from srcid.index.rows import ROW_ALIGNMENT, aligned_empty
 
 OFFSET = 16  # bytes past the boundary: numpy's arrays of this size start there on glibc (malloc's chunk header)
 
 
 def at_offset(a: np.ndarray, offset: int) -> np.ndarray:
     """A copy of `a` whose first byte sits `offset` bytes past a ROW_ALIGNMENT boundary."""
-    buffer = np.empty(a.nbytes + 2 * ROW_ALIGNMENT, dtype=np.uint8)
-    start = -buffer.ctypes.data % ROW_ALIGNMENT + offset
-    copy = buffer[start : start + a.nbytes].view(a.dtype).reshape(a.shape)
+    copy = aligned_empty((offset + a.nbytes,), np.uint8)[offset:].view(a.dtype).reshape(a.shape)
     copy[...] = a
     return copy
 
