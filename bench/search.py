@@ -6,6 +6,8 @@ with --gpu, the torch-CUDA blocked fp16 exact search against its roofline.
     python bench/search.py --sizes 100000 --dim 128 --batches 1 4 16 64 --ivf-sizes   # the embedded bundle's E
     python bench/search.py --sizes 10000 100000     # choose sizes
     python bench/search.py --gpu                    # CUDA: 1M x 512 fp16 at batch 1 and 1024 (needs a GPU)
+    git worktree add /tmp/before HEAD~1 && python bench/search.py --against /tmp/before --sizes 100000 --dim 128
+                                                    # also this checkout's blas and bf16 backends against another's
 
 Every figure is measured in this run; ratios compare implementations timed on the same data, same queries.
 """
@@ -17,7 +19,9 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import faiss
@@ -69,12 +73,37 @@ def timed(fns: dict[str, Callable[[np.ndarray], object]], batches: list[np.ndarr
     return out
 
 
+def backends_of(checkout: Path) -> tuple[type, type]:
+    """The blas and bf16 backend classes of another checkout of this project, imported beside this one's: its srcid
+    modules are loaded afresh from `checkout`, then taken out of sys.modules again (the classes keep them)."""
+    def ours() -> dict:
+        return {name: m for name, m in sys.modules.items() if name == "srcid" or name.startswith("srcid.")}
+
+    mine = ours()
+    for name in mine:
+        del sys.modules[name]
+    sys.path.insert(0, str(checkout))
+    try:
+        from srcid.index.backends import BlasFlatBackend as blas
+        from srcid.index.prefilter import Bf16ExactBackend as bf16
+    finally:
+        sys.path.remove(str(checkout))
+        for name in ours():
+            del sys.modules[name]
+        sys.modules.update(mine)
+    if not Path(bf16.search.__code__.co_filename).resolve().is_relative_to(checkout.resolve()):
+        raise SystemExit(f"--against {checkout}: holds no srcid package of its own")
+    return blas, bf16
+
+
 def query_budget(n: int, batch: int) -> int:
     """Calls per measurement: ~1e8 scored pairs (5..200 calls), so the 1M rows stay bounded in time."""
     return int(max(5, min(200, 1e8 / (n * batch))))
 
 
-def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int], seed: int) -> list[dict]:
+def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int], seed: int,
+            against: Path | None = None) -> list[dict]:
+    before = backends_of(against) if against else None
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(1000, dim)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
@@ -83,7 +112,8 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
         db = clustered(rng, n, dim, centers)
         keys = np.arange(n, dtype=np.int64)
         flat, blas, bf16 = FaissBackend(dim), BlasFlatBackend(dim), Bf16ExactBackend(dim)
-        for backend in (flat, blas, bf16):
+        earlier = {f"{name} before": make(dim) for name, make in zip(("blas", "bf16"), before)} if before else {}
+        for backend in (flat, blas, bf16, *earlier.values()):
             backend.add(keys, db)
         for batch in batches:
             calls = query_budget(n, batch)
@@ -93,16 +123,20 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
                     for name, b in (("faiss", flat), ("blas", blas), ("bf16", bf16))}
             bf16.fallbacks = 0
             t = timed({"faiss": lambda q: flat.search(q, K), "blas": lambda q: blas.search(q, K),
-                       "bf16": lambda q: bf16.search(q, K), "numpy": lambda q: numpy_topk(q, db, K)}, queries)
+                       "bf16": lambda q: bf16.search(q, K), "numpy": lambda q: numpy_topk(q, db, K),
+                       **{name: (lambda q, b=b: b.search(q, K)) for name, b in earlier.items()}}, queries)
             row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": t["faiss"], "blas": t["blas"], "bf16": t["bf16"],
                    "numpy": t["numpy"], "blas_over_faiss_qps": t["blas"]["qps"] / t["faiss"]["qps"],
                    "bf16_over_blas_qps": t["bf16"]["qps"] / t["blas"]["qps"],
-                   "bf16_fallback_share": bf16.fallbacks / ((calls + 1) * batch), "same_top10_ids_as_numpy": same}
+                   "bf16_fallback_share": bf16.fallbacks / ((calls + 1) * batch), "same_top10_ids_as_numpy": same,
+                   **{f"{name.replace(' ', '_')}": t[name] for name in earlier},
+                   **{f"{name.split()[0]}_over_before_qps": t[name.split()[0]]["qps"] / t[name]["qps"] for name in earlier}}
             rows.append(row)
             print(f"n={n:>8} batch={batch:>3}  " + "  ".join(
                 f"{name} {f['qps']:>8.1f} q/s (p50 {f['p50_ms']:.2f}, p99 {f['p99_ms']:.2f} ms)" for name, f in t.items())
                 + f"  blas/faiss {row['blas_over_faiss_qps']:.2f}x  bf16/blas {row['bf16_over_blas_qps']:.2f}x"
-                f" (fallbacks {row['bf16_fallback_share']:.1%})  same ids " + " ".join(f"{v:.3f}" for v in same.values()), flush=True)
+                f" (fallbacks {row['bf16_fallback_share']:.1%})  same ids " + " ".join(f"{v:.3f}" for v in same.values())
+                + "".join(f"  {name.split()[0]} now/before {row[name.split()[0] + '_over_before_qps']:.2f}x" for name in earlier), flush=True)
         if n in ivf_sizes:
             rows.append(run_ivf(n, dim, db, keys, flat, centers, rng, batches))
         del flat, blas, bf16, db
@@ -208,6 +242,8 @@ def main() -> None:
     parser.add_argument("--score-budget-mb", type=int, default=32, help="--gpu: MiB of scores per block")
     parser.add_argument("--group", type=int, default=32, help="--gpu: scores per group in two-stage selection (1: plain topk)")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--against", type=Path, default=None, help="another checkout of this project (git worktree add "
+                        "DIR REV): its blas and bf16 backends are timed too, taking turns with this one's on each batch")
     parser.add_argument("--json", type=str, default=None, help="also write the figures here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of faiss (OpenMP), torch and BLAS, as the service's "
@@ -225,7 +261,7 @@ def main() -> None:
     if args.gpu:
         rows = run_gpu(max(args.sizes), args.dim, args.batches or [1, 1024], args.peak_tflops, args.score_budget_mb, args.group, args.repeats)
     else:
-        rows = run_cpu(args.sizes, args.dim, args.batches or [1, 64], args.ivf_sizes, args.seed)
+        rows = run_cpu(args.sizes, args.dim, args.batches or [1, 64], args.ivf_sizes, args.seed, args.against)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"machine": machine, "rows": rows}, handle, indent=2)

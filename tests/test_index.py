@@ -69,7 +69,7 @@ def test_blocked_topk_equals_faiss_exact(blocked, batch, k, budget, group):
 
 @pytest.mark.parametrize("make", [lambda d: FaissBackend(d), lambda d: TorchBlockedBackend(d, device="cpu", score_budget_bytes=2048),
                                   lambda d: BlasFlatBackend(d, score_budget_bytes=2048),
-                                  lambda d: Bf16ExactBackend(d, group=4, block_rows=256, min_batch=1, min_rows=0)],
+                                  lambda d: Bf16ExactBackend(d, group=4, block_rows=256, min_rows=0, min_rows_single=0)],
                          ids=["faiss", "torch", "blas", "bf16"])
 def test_backend_deletions_match_a_fresh_build(make):
     rng = np.random.default_rng(1)
@@ -224,14 +224,14 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("data", ["random", "clustered"])
-@pytest.mark.parametrize("batch,k", [(4, 1), (16, 10), (37, 50)])
+@pytest.mark.parametrize("batch,k", [(1, 10), (4, 1), (16, 10), (37, 50)])
 def test_bf16_backend_equals_faiss_exact(data, batch, k):
     """The bf16 first pass settles (most) queries itself, and every answer is faiss's exact one."""
     rng = np.random.default_rng(batch + k)
     n, dim = 9001, 64  # not a multiple of the group or the block
     vectors = unit(rng, n, dim) if data == "random" else clustered_unit(rng, n, dim, 50, 0.5)
     keys = rng.permutation(10**6)[:n].astype(np.int64)
-    bf16 = Bf16ExactBackend(dim, group=8, block_rows=1000, min_rows=0)
+    bf16 = Bf16ExactBackend(dim, group=8, block_rows=1000, min_rows=0, min_rows_single=0)
     faiss_backend = FaissBackend(dim)
     for start in range(0, n, 3000):  # several appends: the bf16 rows grow with the float32 ones
         bf16.add(keys[start : start + 3000], vectors[start : start + 3000])
@@ -282,22 +282,24 @@ def test_bf16_backend_searches_again_where_its_thresholds_are_negative():
     assert bf16.fallbacks == 6  # the opposite queries only
 
 
-def test_bf16_backend_leaves_only_single_queries_to_blas():
-    """One query goes to the blas backend's matrix-vector product; two queries or more take the bf16 pass, which
-    beats OpenBLAS's product for 2-3 queries 1.5-2x (docs/PERFORMANCE.md, Search). Both give the exact answer."""
+def test_bf16_backend_leaves_small_stores_to_blas():
+    """Any batch, one query too (a bf16 matrix-vector product), takes the bf16 pass, except on a store under
+    `min_rows` rows (`min_rows_single` for one query): there the blas backend is faster (docs/PERFORMANCE.md,
+    Search). Both give the exact answer."""
     rng = np.random.default_rng(8)
     n, dim = 6000, 32
     vectors = unit(rng, n, dim)
     keys = np.arange(n, dtype=np.int64)
-    bf16 = Bf16ExactBackend(dim, group=8, min_rows=0)
-    bf16.add(keys, vectors)
-    sizes: list[int] = []
-    exact_search = bf16.exact.search
-    bf16.exact.search = lambda q, k: sizes.append(len(q)) or exact_search(q, k)
-    for batch in (1, 2, 3):
-        queries = unit(rng, batch, dim)
-        assert (bf16.search(queries, 10)[1] == brute_force(queries, keys, vectors, 10)).all()
-    assert sizes == [1] and bf16.fallbacks == 0
+    for min_rows, min_rows_single, to_blas in [(0, 0, []), (0, n + 1, [1]), (n + 1, n + 1, [1, 2, 3])]:
+        bf16 = Bf16ExactBackend(dim, group=8, min_rows=min_rows, min_rows_single=min_rows_single)
+        bf16.add(keys, vectors)
+        sizes: list[int] = []
+        exact_search = bf16.exact.search
+        bf16.exact.search = lambda q, k, exact_search=exact_search: sizes.append(len(q)) or exact_search(q, k)
+        for batch in (1, 2, 3):
+            queries = unit(rng, batch, dim)
+            assert (bf16.search(queries, 10)[1] == brute_force(queries, keys, vectors, 10)).all()
+        assert sizes == to_blas and bf16.fallbacks == 0
 
 
 def test_bf16_error_bound_holds_for_torch_bf16_products():
@@ -331,6 +333,38 @@ def test_bf16_bits_round_like_torch_and_follow_the_store():
     _, live = store.live()
     assert (store.bf16[: len(store)] == bf16_bits(live)).all()
     assert store.max_norm == pytest.approx(2.0)
+
+
+def test_vector_store_holds_the_same_vectors_column_by_column_or_row_by_row():
+    """The blas layout (columns) and the bf16 one (rows, from `keep_bf16()` on, which converts what is there) keep
+    every key's vector through growth and removals; `live()` and `get()` read either."""
+    rng = np.random.default_rng(6)
+    expected: dict[int, np.ndarray] = {}
+    stores = [VectorStore(8), VectorStore(8)]
+    stores[1].keep_bf16()
+    late = VectorStore(8)  # converted after its first rows
+    for step in range(4):
+        keys = np.arange(step * 900, (step + 1) * 900, dtype=np.int64)
+        vectors = unit(rng, 900, 8)
+        expected.update(zip(keys.tolist(), vectors))
+        for store in (*stores, late):
+            store.add(keys, vectors)
+        if step == 0:
+            late.keep_bf16()
+        gone = rng.choice(list(expected), 150, replace=False).tolist()
+        for key in gone:
+            del expected[key]
+        for store in (*stores, late):
+            store.remove(gone)
+    assert stores[0].vectors.flags.f_contiguous and not stores[0].vectors.flags.c_contiguous
+    assert stores[1].vectors.flags.c_contiguous and late.vectors.flags.c_contiguous
+    for store in (*stores, late):
+        keys, live = store.live()
+        assert sorted(keys.tolist()) == sorted(expected)
+        assert np.array_equal(live, np.stack([expected[k] for k in keys.tolist()]))
+        some = rng.choice(list(expected), 20, replace=False).tolist()
+        assert np.array_equal(store.get(some), np.stack([expected[k] for k in some]))
+    assert (late.bf16[: len(late)] == bf16_bits(late.live()[1])).all()
 
 
 def test_aligned_empty_starts_on_the_boundary_and_holds_its_shape():

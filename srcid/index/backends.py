@@ -7,7 +7,7 @@
 - `torch-cuda-fp16` (or `torch-cpu-fp32` when asked for device="cpu"): blocked exact search; each block's
   scores are reduced to top-k on the device before the next block, so the full score matrix never exists.
 - `blas-cpu-fp32`: the same blocked search on the CPU, scored by numpy's BLAS over the index's own host copy of
-  the vectors (kept transposed [E, n]), so no second copy; IVF under the `blas` kind is faiss's `faiss-cpu-ivf`.
+  the vectors (kept column by column), so no second copy; IVF under the `blas` kind is faiss's `faiss-cpu-ivf`.
 - `bf16-cpu-exact` (srcid/index/prefilter.py): exact too, on CPUs with AMX: a bf16 first pass over a bf16 copy of
   the host vectors, float32 re-scoring of each query's best candidates, and the blas backend for any query whose
   answer the first pass cannot prove; IVF under the `bf16` kind is faiss's, as under `blas`.
@@ -248,10 +248,11 @@ class StoreBackend(SearchBackend):
 
 
 class BlasFlatBackend(StoreBackend):
-    """Exact search on the CPU over a VectorStore, whose vectors are kept transposed, float32 [E, n]: a batch of
-    queries [B, E] is scored by one BLAS matrix product `q @ columns` (numpy's OpenBLAS) that streams each vector
-    once for the whole batch. Blocks of rows and the two-stage selection are TorchBlockedBackend's, in numpy: no
-    torch here, whose CPU threads spin and whose float32 GEMM is slower than OpenBLAS for these short, wide products.
+    """Exact search on the CPU over a VectorStore: a batch of queries [B, E] is scored by one BLAS matrix product
+    `q @ vectors.T` (numpy's OpenBLAS) that streams each vector once for the whole batch, fastest over a store kept
+    column by column (VectorStore). Blocks of rows and the two-stage selection are TorchBlockedBackend's, in numpy:
+    no torch here, whose CPU threads spin and whose float32 GEMM is slower than OpenBLAS for these short, wide
+    products.
 
     Why not faiss's flat index: below its BLAS threshold it takes one dot product per row-major vector and query,
     above it GEMMs of 1024 database rows. bench/search.py measures both side by side (docs/PERFORMANCE.md, Search).
@@ -283,7 +284,7 @@ class BlasFlatBackend(StoreBackend):
         return np.take_along_axis(scores, columns, 1), columns
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        batch, n, columns = len(queries), len(self.store), self.store.columns
+        batch, n, vectors = len(queries), len(self.store), self.store.vectors
         scores = np.full((batch, k), -np.inf, dtype=np.float32)
         keys = np.full((batch, k), -1, dtype=np.int64)
         kk = min(k, n)
@@ -296,7 +297,7 @@ class BlasFlatBackend(StoreBackend):
         for start in range(0, n, step):
             stop = min(n, start + step)
             width = -(-(stop - start) // self.group) * self.group
-            np.matmul(q, columns[:, start:stop], out=block[:, : stop - start])
+            np.matmul(q, vectors[start:stop].T, out=block[:, : stop - start])
             block[:, stop - start : width] = -np.inf
             v, c = self._select(block[:, :width], min(kk, stop - start))
             values.append(v)

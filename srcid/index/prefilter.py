@@ -41,17 +41,16 @@ def bf16_error_bound(dim: int) -> float:
 
 class Bf16ExactBackend(StoreBackend):
     """Exact search over a VectorStore (the index's own, searched in place like the blas backend's, or one of its
-    own): a bf16 first pass over the store's bf16 rows, float32 re-scoring of the best `want` = 2k + 16 rows per
-    query, the blas backend for the queries whose answer that cannot prove. Batches under `min_batch` queries and
-    stores under `min_rows` rows (or too few for the candidates) go to the blas backend directly: there the bf16
-    kernels' fixed cost outweighs their speed (at E = 128 on this project's AMX machine the two break even at 30-50k
-    rows; at 100k the bf16 backend takes 3.2 vs 6.7 ms for 4 queries, 9.1 vs 15.0 ms for 32). One query is the blas
-    backend's matrix-vector product, which reads the float32 rows once (100k: 4.4-4.9 vs 5.2-6.7 ms); from two on,
-    OpenBLAS's product costs several times one query's and bf16 is 1.5-2x faster (100k: 4.7-6.1 vs 7.7-10.2 ms for 2
-    queries, 5.3-6.4 vs 9.3-11.7 ms for 3; docs/PERFORMANCE.md, Search)."""
+    own): a bf16 first pass over the store's bf16 rows (for one query a matrix-vector product), float32
+    re-scoring of the best `want` = 2k + 16 rows per query from the store's float32 rows, the blas backend for the
+    queries whose answer that cannot prove. Stores under `min_rows` rows (`min_rows_single` for one query), or too
+    few for the candidates, go to the blas backend directly: there the pass's fixed cost, a dozen small torch calls,
+    outweighs its speed. At E = 128 on this project's AMX machine, against the blas backend over the same rows: 0.83
+    vs 1.32 ms for 2 queries at 10k rows, 0.80 vs 0.85 at 5k; one query 2.29 vs 2.52 ms at 40k, 1.05 vs 0.68 at 20k
+    (docs/PERFORMANCE.md, Search)."""
 
     def __init__(self, dim: int, store: VectorStore | None = None, group: int = 32, block_rows: int = 1 << 17,
-                 min_batch: int = 2, min_rows: int = 50_000):
+                 min_rows: int = 10_000, min_rows_single: int = 40_000):
         import torch
 
         super().__init__(dim, store)
@@ -60,8 +59,7 @@ class Bf16ExactBackend(StoreBackend):
         self.exact = BlasFlatBackend(dim, self.store)
         self.group = group
         self.block_rows = -(-block_rows // group) * group
-        self.min_batch = min_batch
-        self.min_rows = min_rows
+        self.min_rows, self.min_rows_single = min_rows, min_rows_single
         self.eps = bf16_error_bound(dim)
         self.name = "bf16-cpu-exact"
 
@@ -70,7 +68,7 @@ class Bf16ExactBackend(StoreBackend):
         kk = min(k, n)
         want = 2 * kk + 16
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        if len(q) < self.min_batch or n < max(self.min_rows, 4 * want * g):
+        if n < max(self.min_rows_single if len(q) == 1 else self.min_rows, 4 * want * g):
             return self.exact.search(q, k)
         torch = self.torch
         batch, padded = len(q), -(-n // g) * g
@@ -83,7 +81,11 @@ class Bf16ExactBackend(StoreBackend):
             # 13 blocks of 8192 rows). The scores [n, B] in bf16 are 2 bytes a row and query: 6.4 MB at 100k rows and 32 queries.
             approx = torch.empty((padded, batch), dtype=torch.bfloat16)  # [n', B]
             for start in range(0, padded, self.block_rows):
-                torch.matmul(rows16[start : start + self.block_rows], q16.T, out=approx[start : start + self.block_rows])
+                block = slice(start, start + self.block_rows)
+                if batch == 1:  # torch's bf16 matrix-vector product: at 100k, 3.0 ms against 3.7 in float32
+                    torch.mv(rows16[block], q16[0], out=approx[block, 0])
+                else:
+                    torch.matmul(rows16[block], q16.T, out=approx[block])
             approx[n:] = float("-inf")
             # The scores' bits as int16 keys: torch's maxima of int16 run ~5x faster than of bf16 (which it converts
             # value by value), its top-k ~1.15x, and a key orders like its score wherever the score is >= 0 (sign bit
@@ -98,7 +100,7 @@ class Bf16ExactBackend(StoreBackend):
             edge = torch.stack([group_max[:, want], member_keys[:, want]], 1)  # [B, 2]
             left_out = edge.amax(1).view(torch.bfloat16).float().numpy()
             left_out[(edge.amin(1) < 0).numpy()] = np.inf
-        exact = np.einsum("ebc,be->bc", np.take(self.store.columns, candidates, axis=1), q)  # [B, want] float32
+        exact = np.matmul(np.take(self.store.vectors, candidates, axis=0), q[:, :, None])[:, :, 0]  # [B, want] float32
         order = np.argsort(-exact, axis=1, kind="stable")[:, :kk]
         scores = np.full((batch, k), -np.inf, dtype=np.float32)
         keys = np.full((batch, k), -1, dtype=np.int64)

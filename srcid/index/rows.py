@@ -84,26 +84,41 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 class VectorStore:
-    """Host copy of an index's vectors, in RowTable order: what is persisted, rebuilt from and, by the blas backend,
-    searched in place. Kept transposed, float32 [E, capacity] (`columns`), because a batch of queries [B, E] is
-    scored fastest as one BLAS product with it; `live()` and `get()` give rows [n, E] as views or copies.
+    """Host copy of an index's vectors, in RowTable order: what is persisted, rebuilt from and, by the blas and bf16
+    backends, searched in place. `vectors` is float32 [capacity, E] (rows >= n are garbage), laid out for the backend
+    that searches it:
+    - column by column (a view of a C-contiguous [E, capacity]) for the blas backend: a batch of queries [B, E] is
+      scored fastest as one BLAS product with it (100k x 128, 2 queries: 6.7 against 12.9 ms row by row);
+    - row by row once `keep_bf16()` is called: the bf16 backend re-scores each query's candidates from whole rows (32
+      queries' 36 candidates: 0.05 against 0.5-0.8 ms gathered from columns). The blas search it leaves small stores
+      and unsettled queries to is slower over rows (5k rows, 2 queries: 0.56 against 0.38 ms), where searches are
+      cheap anyway (docs/PERFORMANCE.md, Search).
 
-    Once `keep_bf16()` is called it also keeps the rows rounded to bfloat16, uint16 bits [capacity, E] (`bf16`),
-    for the bf16 backend's first pass, and `max_norm`, a bound on the rows' norms (removal leaves it as it was)."""
+    `keep_bf16()` also keeps the rows rounded to bfloat16, uint16 bits [capacity, E] (`bf16`), for the bf16 backend's
+    first pass, and `max_norm`, a bound on the rows' norms (removal leaves it as it was)."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.table = RowTable()
-        self.columns = np.empty((dim, 0), dtype=np.float32)  # columns >= n are garbage
+        self.vectors = self._empty(0, row_major=False)
         self.bf16: np.ndarray | None = None  # rows >= n are garbage
         self.max_norm = 0.0
+
+    def _empty(self, capacity: int, row_major: bool) -> np.ndarray:
+        """Uninitialised float32 [capacity, E], row by row or a view of [E, capacity]."""
+        if row_major:
+            return np.empty((capacity, self.dim), dtype=np.float32)
+        return np.empty((self.dim, capacity), dtype=np.float32).T
 
     def keep_bf16(self) -> None:
         if self.bf16 is None:
             n = self.table.n
-            self.bf16 = aligned_empty((self.columns.shape[1], self.dim), np.uint16)
-            self.bf16[:n] = bf16_bits(self.columns[:, :n].T)
-            self.max_norm = float(np.linalg.norm(self.columns[:, :n], axis=0).max(initial=0.0))
+            rows = self._empty(self.vectors.shape[0], row_major=True)
+            rows[:n] = self.vectors[:n]
+            self.vectors = rows
+            self.bf16 = aligned_empty((len(rows), self.dim), np.uint16)
+            self.bf16[:n] = bf16_bits(rows[:n])
+            self.max_norm = float(np.linalg.norm(rows[:n], axis=1).max(initial=0.0))
 
     def __len__(self) -> int:
         return self.table.n
@@ -114,30 +129,30 @@ class VectorStore:
     def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """New keys int64 [m] (none present) with vectors float32 [m, E]."""
         rows = self.table.append(np.asarray(keys, dtype=np.int64))
-        if rows.stop > self.columns.shape[1]:
-            grown = np.empty((self.dim, len(self.table.keys)), dtype=np.float32)
-            grown[:, : rows.start] = self.columns[:, : rows.start]
-            self.columns = grown
+        if rows.stop > len(self.vectors):
+            grown = self._empty(len(self.table.keys), row_major=self.bf16 is not None)
+            grown[: rows.start] = self.vectors[: rows.start]
+            self.vectors = grown
             if self.bf16 is not None:
                 grown16 = aligned_empty((len(self.table.keys), self.dim), np.uint16)
                 grown16[: rows.start] = self.bf16[: rows.start]
                 self.bf16 = grown16
         vectors = np.asarray(vectors, dtype=np.float32)
-        self.columns[:, rows] = vectors.T
+        self.vectors[rows] = vectors
         if self.bf16 is not None:
             self.bf16[rows] = bf16_bits(vectors)
             self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max(initial=0.0)))
 
     def remove(self, keys: Sequence[int]) -> None:
         holes, movers = self.table.remove(keys)
-        self.columns[:, holes] = self.columns[:, movers]
+        self.vectors[holes] = self.vectors[movers]
         if self.bf16 is not None:
             self.bf16[holes] = self.bf16[movers]
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """Views of keys int64 [n] and vectors float32 [n, E]; copy before releasing the owner's lock."""
-        return self.table.keys[: self.table.n], self.columns[:, : self.table.n].T
+        return self.table.keys[: self.table.n], self.vectors[: self.table.n]
 
     def get(self, keys: Sequence[int]) -> np.ndarray:
         """Vectors float32 [len(keys), E] of present keys (a copy)."""
-        return self.columns[:, self.table.rows(keys)].T
+        return self.vectors[self.table.rows(keys)]
