@@ -45,9 +45,9 @@ class Bf16ExactBackend(StoreBackend):
     re-scoring of the best `want` = 2k + 16 rows per query from the store's float32 rows, the blas backend for the
     queries whose answer that cannot prove. Stores under `min_rows` rows (`min_rows_single` for one query), or too
     few for the candidates, go to the blas backend directly: there the pass's fixed cost, a dozen small torch calls,
-    outweighs its speed. At E = 128 on this project's AMX machine, against the blas backend over the same rows: 0.83
-    vs 1.32 ms for 2 queries at 10k rows, 0.80 vs 0.85 at 5k; one query 2.29 vs 2.52 ms at 40k, 1.05 vs 0.68 at 20k
-    (docs/PERFORMANCE.md, Search)."""
+    outweighs its speed. At E = 128 on this project's AMX machine, against the blas backend over the same rows: 2
+    queries 0.83 vs 1.32 ms at 10k rows, 32 queries 2.18 vs 2.57 ms at 10k but 1.95 vs 1.50 at 5k; one query 2.29 vs
+    2.52 ms at 40k, 1.05 vs 0.68 at 20k (docs/PERFORMANCE.md, Search)."""
 
     def __init__(self, dim: int, store: VectorStore | None = None, group: int = 32, block_rows: int = 1 << 17,
                  min_rows: int = 10_000, min_rows_single: int = 40_000):
