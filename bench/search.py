@@ -112,7 +112,7 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
         db = clustered(rng, n, dim, centers)
         keys = np.arange(n, dtype=np.int64)
         flat, blas, bf16 = FaissBackend(dim), BlasFlatBackend(dim), Bf16ExactBackend(dim)
-        earlier = {f"{name} before": make(dim) for name, make in zip(("blas", "bf16"), before)} if before else {}
+        earlier = {name: make(dim) for name, make in zip(("blas", "bf16"), before)} if before else {}
         for backend in (flat, blas, bf16, *earlier.values()):
             backend.add(keys, db)
         for batch in batches:
@@ -124,19 +124,19 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
             bf16.fallbacks = 0
             t = timed({"faiss": lambda q: flat.search(q, K), "blas": lambda q: blas.search(q, K),
                        "bf16": lambda q: bf16.search(q, K), "numpy": lambda q: numpy_topk(q, db, K),
-                       **{name: (lambda q, b=b: b.search(q, K)) for name, b in earlier.items()}}, queries)
+                       **{f"{name} before": (lambda q, b=b: b.search(q, K)) for name, b in earlier.items()}}, queries)
             row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": t["faiss"], "blas": t["blas"], "bf16": t["bf16"],
                    "numpy": t["numpy"], "blas_over_faiss_qps": t["blas"]["qps"] / t["faiss"]["qps"],
                    "bf16_over_blas_qps": t["bf16"]["qps"] / t["blas"]["qps"],
                    "bf16_fallback_share": bf16.fallbacks / ((calls + 1) * batch), "same_top10_ids_as_numpy": same,
-                   **{f"{name.replace(' ', '_')}": t[name] for name in earlier},
-                   **{f"{name.split()[0]}_over_before_qps": t[name.split()[0]]["qps"] / t[name]["qps"] for name in earlier}}
+                   **{f"{name}_before": t[f"{name} before"] for name in earlier},
+                   **{f"{name}_over_before_qps": t[name]["qps"] / t[f"{name} before"]["qps"] for name in earlier}}
             rows.append(row)
             print(f"n={n:>8} batch={batch:>3}  " + "  ".join(
                 f"{name} {f['qps']:>8.1f} q/s (p50 {f['p50_ms']:.2f}, p99 {f['p99_ms']:.2f} ms)" for name, f in t.items())
                 + f"  blas/faiss {row['blas_over_faiss_qps']:.2f}x  bf16/blas {row['bf16_over_blas_qps']:.2f}x"
                 f" (fallbacks {row['bf16_fallback_share']:.1%})  same ids " + " ".join(f"{v:.3f}" for v in same.values())
-                + "".join(f"  {name.split()[0]} now/before {row[name.split()[0] + '_over_before_qps']:.2f}x" for name in earlier), flush=True)
+                + "".join(f"  {name} now/before {row[name + '_over_before_qps']:.2f}x" for name in earlier), flush=True)
         if n in ivf_sizes:
             rows.append(run_ivf(n, dim, db, keys, flat, centers, rng, batches))
         del flat, blas, bf16, db
