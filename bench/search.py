@@ -1,5 +1,5 @@
-"""Search speed: the CPU exact backends side by side (faiss flat, the blas backend, the bf16 backend, a plain numpy
-brute force); IVF recall and speed;
+"""Search speed: the CPU exact backends side by side (faiss flat, the blas backend, the bf16 and int8 backends, a
+plain numpy brute force); IVF recall and speed;
 with --gpu, the torch-CUDA blocked fp16 exact search against its roofline.
 
     python bench/search.py                          # CPU: 10k, 100k, 1M items x E=512, batch 1 and 64
@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from srcid.index.backends import BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, cpu_has_amx_bf16
+from srcid.index.backends import (BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, cpu_has_amx_bf16,
+                                   cpu_has_avx512_vnni)
 from srcid.index.ivf import choose_nlist, recall_at_10, train_centroids, tune_nprobe
-from srcid.index.prefilter import Bf16ExactBackend
+from srcid.index.prefilter import Bf16ExactBackend, Int8ExactBackend
 
 K = 10
 
@@ -111,35 +112,42 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
     for n in sizes:
         db = clustered(rng, n, dim, centers)
         keys = np.arange(n, dtype=np.int64)
-        flat, blas, bf16 = FaissBackend(dim), BlasFlatBackend(dim), Bf16ExactBackend(dim)
+        flat, blas = FaissBackend(dim), BlasFlatBackend(dim)
+        prefilters = {"bf16": Bf16ExactBackend(dim), "int8": Int8ExactBackend(dim)}
         earlier = {name: make(dim) for name, make in zip(("blas", "bf16"), before)} if before else {}
-        for backend in (flat, blas, bf16, *earlier.values()):
+        for backend in (flat, blas, *prefilters.values(), *earlier.values()):
             backend.add(keys, db)
         for batch in batches:
             calls = query_budget(n, batch)
             queries = [clustered(rng, batch, dim, centers) for _ in range(calls)]
             reference = numpy_topk(queries[0], db, K)
             same = {name: float((b.search(queries[0], K)[1] == reference).mean())
-                    for name, b in (("faiss", flat), ("blas", blas), ("bf16", bf16))}
-            bf16.fallbacks = 0
+                    for name, b in (("faiss", flat), ("blas", blas), *prefilters.items())}
+            for backend in prefilters.values():
+                backend.fallbacks = 0
             t = timed({"faiss": lambda q: flat.search(q, K), "blas": lambda q: blas.search(q, K),
-                       "bf16": lambda q: bf16.search(q, K), "numpy": lambda q: numpy_topk(q, db, K),
+                       **{name: (lambda q, b=b: b.search(q, K)) for name, b in prefilters.items()},
+                       "numpy": lambda q: numpy_topk(q, db, K),
                        **{f"{name} before": (lambda q, b=b: b.search(q, K)) for name, b in earlier.items()}}, queries)
-            row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": t["faiss"], "blas": t["blas"], "bf16": t["bf16"],
-                   "numpy": t["numpy"], "blas_over_faiss_qps": t["blas"]["qps"] / t["faiss"]["qps"],
-                   "bf16_over_blas_qps": t["bf16"]["qps"] / t["blas"]["qps"],
-                   "bf16_fallback_share": bf16.fallbacks / ((calls + 1) * batch), "same_top10_ids_as_numpy": same,
+            row = {"n": n, "dim": dim, "batch": batch, "faiss_flat": t["faiss"], "blas": t["blas"],
+                   **{name: t[name] for name in prefilters}, "numpy": t["numpy"],
+                   "blas_over_faiss_qps": t["blas"]["qps"] / t["faiss"]["qps"],
+                   **{f"{name}_over_blas_qps": t[name]["qps"] / t["blas"]["qps"] for name in prefilters},
+                   **{f"{name}_fallback_share": b.fallbacks / ((calls + 1) * batch) for name, b in prefilters.items()},
+                   "same_top10_ids_as_numpy": same,
                    **{f"{name}_before": t[f"{name} before"] for name in earlier},
                    **{f"{name}_over_before_qps": t[name]["qps"] / t[f"{name} before"]["qps"] for name in earlier}}
             rows.append(row)
             print(f"n={n:>8} batch={batch:>3}  " + "  ".join(
                 f"{name} {f['qps']:>8.1f} q/s (p50 {f['p50_ms']:.2f}, p99 {f['p99_ms']:.2f} ms)" for name, f in t.items())
-                + f"  blas/faiss {row['blas_over_faiss_qps']:.2f}x  bf16/blas {row['bf16_over_blas_qps']:.2f}x"
-                f" (fallbacks {row['bf16_fallback_share']:.1%})  same ids " + " ".join(f"{v:.3f}" for v in same.values())
+                + f"  blas/faiss {row['blas_over_faiss_qps']:.2f}x" + "".join(
+                    f"  {name}/blas {row[name + '_over_blas_qps']:.2f}x (fallbacks {row[name + '_fallback_share']:.1%})"
+                    for name in prefilters)
+                + "  same ids " + " ".join(f"{v:.3f}" for v in same.values())
                 + "".join(f"  {name} now/before {row[name + '_over_before_qps']:.2f}x" for name in earlier), flush=True)
         if n in ivf_sizes:
             rows.append(run_ivf(n, dim, db, keys, flat, centers, rng, batches))
-        del flat, blas, bf16, db
+        del flat, blas, prefilters, db
     return rows
 
 
@@ -255,6 +263,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads, user_api="blas")
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "amx_bf16": cpu_has_amx_bf16(),
+               "avx512_vnni": cpu_has_avx512_vnni(),
                "faiss": faiss.__version__, "numpy": np.__version__, "torch": torch.__version__,
                "faiss_threads": faiss.omp_get_max_threads(), "threads": args.threads, "load_average": os.getloadavg()}
     print(json.dumps(machine))

@@ -9,12 +9,15 @@ import pytest
 
 from srcid.index import modality_index
 from srcid.index.backends import (BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, choose_backend_kind,
-                                   cpu_has_amx_bf16, faiss_gpu_count, make_backend, torch_cuda_available)
+                                   cpu_has_amx_bf16, cpu_has_avx512_vnni, faiss_gpu_count, make_backend,
+                                   torch_cuda_available)
 from srcid.index.config import IndexConfig
 from srcid.index.ivf import recall_at_10
 from srcid.index.modality_index import ModalityIndex
-from srcid.index.prefilter import Bf16ExactBackend, bf16_error_bound
-from srcid.index.rows import ROW_ALIGNMENT, VectorStore, aligned_empty, bf16_bits
+from srcid.index.prefilter import Bf16ExactBackend, Int8ExactBackend, bf16_error_bound, int8_query_codes
+from srcid.index.rows import ROW_ALIGNMENT, VectorStore, aligned_empty, bf16_bits, int8_codes
+
+PREFILTERS = {"bf16": Bf16ExactBackend, "int8": Int8ExactBackend}
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -69,8 +72,9 @@ def test_blocked_topk_equals_faiss_exact(blocked, batch, k, budget, group):
 
 @pytest.mark.parametrize("make", [lambda d: FaissBackend(d), lambda d: TorchBlockedBackend(d, device="cpu", score_budget_bytes=2048),
                                   lambda d: BlasFlatBackend(d, score_budget_bytes=2048),
-                                  lambda d: Bf16ExactBackend(d, group=4, block_rows=256, min_rows=0, min_rows_single=0)],
-                         ids=["faiss", "torch", "blas", "bf16"])
+                                  lambda d: Bf16ExactBackend(d, group=4, block_rows=256, min_rows=0, min_rows_single=0),
+                                  lambda d: Int8ExactBackend(d, group=4, block_rows=256, min_rows=0, min_rows_single=0)],
+                         ids=["faiss", "torch", "blas", "bf16", "int8"])
 def test_backend_deletions_match_a_fresh_build(make):
     rng = np.random.default_rng(1)
     n, dim = 1500, 24
@@ -223,17 +227,18 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+@pytest.mark.parametrize("kind", sorted(PREFILTERS))
 @pytest.mark.parametrize("data", ["random", "clustered"])
 @pytest.mark.parametrize("batch,k", [(1, 10), (4, 1), (16, 10), (37, 50)])
-def test_bf16_backend_equals_faiss_exact(data, batch, k):
-    """The bf16 first pass settles (most) queries itself, and every answer is faiss's exact one."""
+def test_prefilter_backends_equal_faiss_exact(kind, data, batch, k):
+    """The bf16 or int8 first pass settles (most) queries itself, and every answer is faiss's exact one."""
     rng = np.random.default_rng(batch + k)
     n, dim = 9001, 64  # not a multiple of the group or the block
     vectors = unit(rng, n, dim) if data == "random" else clustered_unit(rng, n, dim, 50, 0.5)
     keys = rng.permutation(10**6)[:n].astype(np.int64)
-    bf16 = Bf16ExactBackend(dim, group=8, block_rows=1000, min_rows=0, min_rows_single=0)
+    bf16 = PREFILTERS[kind](dim, group=8, block_rows=1000, min_rows=0, min_rows_single=0)
     faiss_backend = FaissBackend(dim)
-    for start in range(0, n, 3000):  # several appends: the bf16 rows grow with the float32 ones
+    for start in range(0, n, 3000):  # several appends: the bf16 or int8 rows grow with the float32 ones
         bf16.add(keys[start : start + 3000], vectors[start : start + 3000])
         faiss_backend.add(keys[start : start + 3000], vectors[start : start + 3000])
     queries = unit(rng, batch, dim) if data == "random" else unit_rows(vectors[:batch] + 0.3 * rng.normal(size=(batch, dim)))
@@ -244,46 +249,52 @@ def test_bf16_backend_equals_faiss_exact(data, batch, k):
     assert bf16.fallbacks < batch, "the first pass settled no query: the blas backend answered them all"
 
 
-def test_bf16_backend_hands_crowded_queries_to_the_exact_search():
-    """Rows crowded within the bf16 error of a query's k-th best cannot be told apart in bf16: such a query is
-    searched again in float32, and its answer is still the exact one. (Without the error bound in the test, that
-    is taking the bf16 scores at their word, 6 of these 8 crowded queries get a wrong top 10.)"""
+@pytest.mark.parametrize("kind", sorted(PREFILTERS))
+def test_prefilter_backends_hand_crowded_queries_to_the_exact_search(kind):
+    """Rows crowded within the first pass's error of a query's k-th best cannot be told apart in bf16 or int8: a
+    query with more of them than it keeps as candidates is searched again in float32, and its answer is still the
+    exact one. (Without the error bound in the test, that is taking the bf16 scores at their word, 6 of these 8
+    crowded queries get a wrong top 10.) A crowd the candidates hold whole is settled by the first pass."""
     rng = np.random.default_rng(11)
     n, dim = 6000, 32
     centres = unit(rng, 8, dim)
-    crowds = unit_rows(np.repeat(centres, 50, axis=0) + 1e-2 * rng.normal(size=(400, dim)))
-    vectors = np.concatenate([unit(rng, n - 400, dim), crowds])
-    keys = np.arange(n, dtype=np.int64)
-    bf16 = Bf16ExactBackend(dim, group=8, min_rows=0)
-    bf16.add(keys, vectors)
     queries = np.concatenate([unit_rows(centres + 1e-2 * rng.normal(size=(8, dim))), unit(rng, 7, dim)])
-    scores, found = bf16.search(queries, 10)
-    assert (found == brute_force(queries, keys, vectors, 10)).all()
-    assert bf16.fallbacks == 8  # the crowded queries only
+    keys = np.arange(n, dtype=np.int64)
+    want = PREFILTERS[kind].per_k * 10 + PREFILTERS[kind].extra  # 36 for bf16, 56 for int8
+    for crowd, fallbacks in [(want + 14, 8), (want - 6, 0)]:
+        crowds = unit_rows(np.repeat(centres, crowd, axis=0) + 1e-2 * rng.normal(size=(8 * crowd, dim)))
+        vectors = np.concatenate([unit(rng, n - 8 * crowd, dim), crowds])
+        backend = PREFILTERS[kind](dim, group=8, min_rows=0)
+        backend.add(keys, vectors)
+        assert (backend.search(queries, 10)[1] == brute_force(queries, keys, vectors, 10)).all()
+        assert backend.fallbacks == fallbacks, f"crowds of {crowd}"
 
 
-def test_bf16_backend_searches_again_where_its_thresholds_are_negative():
-    """The first pass ranks the scores by their bits as int16, which order like the scores only where these are
+@pytest.mark.parametrize("kind", sorted(PREFILTERS))
+def test_bf16_backend_searches_again_where_its_thresholds_are_negative(kind):
+    """The bf16 first pass ranks the scores by their bits as int16, which order like the scores only where these are
     >= 0, so a query whose selection thresholds fall below zero (fewer rows than it keeps score above zero) is
     searched again in float32. Here 20 rows score above zero against the opposite queries, fewer than the 2k + 16 =
-    36 kept: those queries go to the exact search and get the exact answer; the others are settled by the first pass."""
+    36 kept: those queries go to the exact search and get the exact answer; the others are settled by the first pass.
+    The int8 pass ranks its int32 products, which order negative scores too: it settles every query itself."""
     rng = np.random.default_rng(5)
     n, dim = 6000, 32
     vectors = unit_rows(np.abs(rng.normal(size=(n, dim))))  # in the positive orthant
     vectors[:20] *= -1  # but 20, which score > 0 against any query in the negative orthant
     keys = np.arange(n, dtype=np.int64)
-    bf16 = Bf16ExactBackend(dim, group=8, min_rows=0)
+    bf16 = PREFILTERS[kind](dim, group=8, min_rows=0)
     bf16.add(keys, vectors)
     opposite = unit_rows(-np.abs(rng.normal(size=(6, dim))))
     queries = np.concatenate([opposite, unit_rows(np.abs(rng.normal(size=(6, dim))))])
     scores, found = bf16.search(queries, 10)
     assert (found == brute_force(queries, keys, vectors, 10)).all()
     assert (found[:6] < 20).all()
-    assert bf16.fallbacks == 6  # the opposite queries only
+    assert bf16.fallbacks == (6 if kind == "bf16" else 0)  # the opposite queries only, and only in bf16
 
 
-def test_bf16_backend_leaves_small_stores_to_blas():
-    """Any batch, one query too (a bf16 matrix-vector product), takes the bf16 pass, except on a store under
+@pytest.mark.parametrize("kind", sorted(PREFILTERS))
+def test_prefilter_backends_leave_small_stores_to_blas(kind):
+    """Any batch, one query too (for bf16 a matrix-vector product), takes the first pass, except on a store under
     `min_rows` rows (`min_rows_single` for one query): there the blas backend is faster (docs/PERFORMANCE.md,
     Search). Both give the exact answer."""
     rng = np.random.default_rng(8)
@@ -291,7 +302,7 @@ def test_bf16_backend_leaves_small_stores_to_blas():
     vectors = unit(rng, n, dim)
     keys = np.arange(n, dtype=np.int64)
     for min_rows, min_rows_single, to_blas in [(0, 0, []), (0, n + 1, [1]), (n + 1, n + 1, [1, 2, 3])]:
-        bf16 = Bf16ExactBackend(dim, group=8, min_rows=min_rows, min_rows_single=min_rows_single)
+        bf16 = PREFILTERS[kind](dim, group=8, min_rows=min_rows, min_rows_single=min_rows_single)
         bf16.add(keys, vectors)
         sizes: list[int] = []
         exact_search = bf16.exact.search
@@ -335,13 +346,60 @@ def test_bf16_bits_round_like_torch_and_follow_the_store():
     assert store.max_norm == pytest.approx(2.0)
 
 
+def test_int8_error_bound_holds_for_torch_int8_products():
+    """The int8 backend's bound (its module's docstring) on this machine's `_int_mm`, from a store's own codes and
+    scale, vectors of unequal norms included, and tight enough to mean something."""
+    import torch
+
+    rng = np.random.default_rng(12)
+    dim = 128
+    x = rng.normal(size=(20000, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(20000, 1)).astype(np.float32)
+    q = rng.normal(size=(32, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(32, 1)).astype(np.float32)
+    backend = Int8ExactBackend(dim)
+    backend.add(np.arange(len(x), dtype=np.int64), x)
+    store = backend.store
+    codes, scales, errors = int8_query_codes(q)
+    products = torch._int_mm(torch.from_numpy(store.int8[: len(x)]), torch.from_numpy(codes).T).numpy()  # [n, B]
+    approx = products.T.astype(np.float64) * store.int8_scale * scales[:, None]
+    exact = q.astype(np.float64) @ x.T.astype(np.float64)
+    norms = np.linalg.norm(q.astype(np.float64), axis=1)[:, None]
+    allowed = norms * store.int8_error + errors[:, None] * (store.max_norm + store.int8_error)
+    assert (np.abs(approx - exact) <= allowed).all()
+    assert np.abs(approx - exact).max() > 0.05 * allowed.max(), "int8 scores this close: not coded as int8?"
+    assert (products.T == codes.astype(np.int64) @ store.int8[: len(x)].astype(np.int64).T).all()  # exact sums
+
+
+def test_int8_codes_follow_the_store_and_its_scale():
+    """The int8 codes stay those of the live rows at the store's scale through growth and removals; a row past
+    the scale codes every row again at a larger one; the error bound covers every row; an empty store takes its
+    scale from its first nonzero rows."""
+    rng = np.random.default_rng(13)
+    store = VectorStore(16)
+    store.keep_int8()
+    store.add(np.arange(3, dtype=np.int64), np.zeros((3, 16), dtype=np.float32))  # all zero: no scale yet
+    assert store.int8_scale == 0 and (store.int8[:3] == 0).all() and store.int8_error == 0
+    store.add(np.arange(3, 1503, dtype=np.int64), 0.5 * unit(rng, 1500, 16))
+    first = store.int8_scale
+    assert 0 < first <= 0.5 / 127 and np.abs(store.int8[:1503]).max() == 127  # the whole range, nothing clipped
+    store.add(np.arange(1503, 1504, dtype=np.int64), np.full((1, 16), 0.9, dtype=np.float32))  # past the scale
+    assert store.int8_scale == pytest.approx(0.9 / 127)
+    store.add(np.arange(1504, 3004, dtype=np.int64), 0.5 * unit(rng, 1500, 16))  # grows past the first capacity
+    store.remove([0, 5, 1503, 2999])
+    assert store.int8_scale == pytest.approx(0.9 / 127)  # removal leaves the scale
+    _, live = store.live()
+    codes, errors = int8_codes(live, store.int8_scale)
+    assert (store.int8[: len(store)] == codes).all()
+    assert errors.max() <= store.int8_error
+
+
 def test_vector_store_holds_the_same_vectors_column_by_column_or_row_by_row():
-    """The blas layout (columns) and the bf16 one (rows, from `keep_bf16()` on, which converts what is there) keep
-    every key's vector through growth and removals; `live()` and `get()` read either."""
+    """The blas layout (columns) and the bf16 and int8 ones (rows, from `keep_bf16()` or `keep_int8()` on, which
+    convert what is there) keep every key's vector through growth and removals; `live()` and `get()` read either."""
     rng = np.random.default_rng(6)
     expected: dict[int, np.ndarray] = {}
-    stores = [VectorStore(8), VectorStore(8)]
+    stores = [VectorStore(8), VectorStore(8), VectorStore(8)]
     stores[1].keep_bf16()
+    stores[2].keep_int8()
     late = VectorStore(8)  # converted after its first rows
     for step in range(4):
         keys = np.arange(step * 900, (step + 1) * 900, dtype=np.int64)
@@ -357,7 +415,7 @@ def test_vector_store_holds_the_same_vectors_column_by_column_or_row_by_row():
         for store in (*stores, late):
             store.remove(gone)
     assert stores[0].vectors.flags.f_contiguous and not stores[0].vectors.flags.c_contiguous
-    assert stores[1].vectors.flags.c_contiguous and late.vectors.flags.c_contiguous
+    assert stores[1].vectors.flags.c_contiguous and stores[2].vectors.flags.c_contiguous and late.vectors.flags.c_contiguous
     for store in (*stores, late):
         keys, live = store.live()
         assert sorted(keys.tolist()) == sorted(expected)
@@ -386,20 +444,23 @@ def test_aligned_empty_starts_on_the_boundary_and_holds_its_shape():
     assert store.bf16.ctypes.data % ROW_ALIGNMENT == 0
 
 
-def test_amx_detection_reads_the_cpu_flags(tmp_path):
+def test_amx_and_vnni_detection_reads_the_cpu_flags(tmp_path):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile amx_int8\n")
-    assert cpu_has_amx_bf16(info)
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n")
-    assert not cpu_has_amx_bf16(info)
-    assert not cpu_has_amx_bf16(tmp_path / "missing")
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n")
+    assert cpu_has_amx_bf16(info) and cpu_has_avx512_vnni(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
+    assert not cpu_has_amx_bf16(info) and cpu_has_avx512_vnni(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx_vnni\n")
+    assert not cpu_has_amx_bf16(info) and not cpu_has_avx512_vnni(info)
+    assert not cpu_has_amx_bf16(tmp_path / "missing") and not cpu_has_avx512_vnni(tmp_path / "missing")
 
 
 def test_backend_choice():
     if faiss_gpu_count() == 0:
         with pytest.raises(ValueError, match="no GPU"):
             choose_backend_kind("faiss-gpu")
-        expected = "torch" if torch_cuda_available() else "bf16" if cpu_has_amx_bf16() else "blas"
+        expected = ("torch" if torch_cuda_available() else "bf16" if cpu_has_amx_bf16()
+                    else "int8" if cpu_has_avx512_vnni() else "blas")
     else:
         expected = "faiss-gpu"
     assert choose_backend_kind("auto") == expected
@@ -414,6 +475,8 @@ def test_blas_kind_searches_exactly_with_blas_and_approximately_with_faiss_ivf()
     assert make_backend("blas", 8, ivf).name == "faiss-cpu-ivf"
     assert make_backend("bf16", 8).name == "bf16-cpu-exact"
     assert make_backend("bf16", 8, ivf).name == "faiss-cpu-ivf"
+    assert make_backend("int8", 8).name == "int8-cpu-exact"
+    assert make_backend("int8", 8, ivf).name == "faiss-cpu-ivf"
 
 
 @pytest.mark.skipif(faiss_gpu_count() == 0, reason="the installed faiss has no GPU support or sees no GPU")

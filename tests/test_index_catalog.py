@@ -52,8 +52,9 @@ def assert_equal_to_catalog(index, cat) -> None:
 
 
 @pytest.mark.parametrize("config,backend", [(CPU, "faiss-cpu-flat"), (IndexConfig(backend="torch", torch_device="cpu"), "torch-cpu-fp32"),
-                                            (IndexConfig(backend="blas"), "blas-cpu-fp32"), (IndexConfig(backend="bf16"), "bf16-cpu-exact")],
-                         ids=["faiss-cpu", "torch-cpu", "blas", "bf16"])
+                                            (IndexConfig(backend="blas"), "blas-cpu-fp32"), (IndexConfig(backend="bf16"), "bf16-cpu-exact"),
+                                            (IndexConfig(backend="int8"), "int8-cpu-exact")],
+                         ids=["faiss-cpu", "torch-cpu", "blas", "bf16", "int8"])
 def test_search_finds_items_and_validates_queries(catalog_url, tmp_path, config, backend):
     with open_catalog(catalog_url, DIM, "b1") as cat:
         fill(cat, 0, 90)

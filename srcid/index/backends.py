@@ -11,9 +11,11 @@
 - `bf16-cpu-exact` (srcid/index/prefilter.py): exact too, on CPUs with AMX: a bf16 first pass over a bf16 copy of
   the host vectors, float32 re-scoring of each query's best candidates, and the blas backend for any query whose
   answer the first pass cannot prove; IVF under the `bf16` kind is faiss's, as under `blas`.
+- `int8-cpu-exact` (srcid/index/prefilter.py): the same with an int8 first pass over int8 codes of the host vectors,
+  on CPUs with AVX-512 VNNI but no AMX; IVF under the `int8` kind is faiss's too.
 
 `choose_backend_kind` picks faiss-gpu if the installed faiss has GPUs, else torch on CUDA, else bf16 on a CPU with
-AMX, else blas.
+AMX, else int8 on a CPU with AVX-512 VNNI, else blas.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from srcid.index.rows import RowTable, VectorStore, grown_capacity
 
 log = logging.getLogger(__name__)
 
-BACKEND_KINDS = ("auto", "blas", "bf16", "faiss-cpu", "faiss-gpu", "torch")
+BACKEND_KINDS = ("auto", "blas", "bf16", "int8", "faiss-cpu", "faiss-gpu", "torch")
 
 # faiss 1.15 on the CPU scores small batches with a SIMD loop and large ones with BLAS, but its default switch-over
 # sits at hundreds of queries; measured here (bench/search.py, E=512) BLAS wins from 4 queries on (7x at 64).
@@ -60,7 +62,7 @@ class SearchBackend(ABC):
 
     name: str
     supports_remove: bool = True
-    fallbacks: int = 0  # queries answered by a slower exact path when the fast one could not prove them (bf16)
+    fallbacks: int = 0  # queries answered by a slower exact path when the fast one could not prove them (bf16, int8)
     store: VectorStore | None = None  # set when the backend searches a VectorStore in place (see BlasFlatBackend)
 
     @abstractmethod
@@ -322,18 +324,28 @@ def torch_cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU multiplies bfloat16 in AMX tiles (Linux's `amx_bf16` flag); False where that cannot be read."""
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as Linux lists them; empty where they cannot be read."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+
+
+def cpu_has_amx_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in AMX tiles (the bf16 backend's first pass)."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
+
+
+def cpu_has_avx512_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU sums int8 products in AVX-512 VNNI instructions (the int8 backend's first pass)."""
+    return "avx512_vnni" in cpu_flags(cpuinfo)
 
 
 def choose_backend_kind(requested: str = "auto") -> str:
-    """Resolve "auto" to faiss-gpu, torch (CUDA), bf16 (a CPU with AMX) or blas, in that order of preference; check
-    explicit choices."""
+    """Resolve "auto" to faiss-gpu, torch (CUDA), bf16 (a CPU with AMX), int8 (a CPU with AVX-512 VNNI) or blas, in
+    that order of preference; check explicit choices."""
     if requested not in BACKEND_KINDS:
         raise ValueError(f"index backend {requested!r}: expected one of {list(BACKEND_KINDS)}")
     if requested == "faiss-gpu" and faiss_gpu_count() == 0:
@@ -346,21 +358,25 @@ def choose_backend_kind(requested: str = "auto") -> str:
         return "torch"
     if cpu_has_amx_bf16():
         return "bf16"
+    if cpu_has_avx512_vnni():
+        return "int8"
     return "blas"
 
 
 def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device: str = "cuda",
                  store: VectorStore | None = None) -> SearchBackend:
-    """A fresh, empty backend, or with kind="blas" or "bf16" one that searches `store` in place. IVF runs on faiss
-    only: with kind="torch" an IVF request falls back to exact search, with "blas" or "bf16" it is faiss's IVF on the CPU."""
-    from srcid.index.prefilter import Bf16ExactBackend  # prefilter builds on this module
+    """A fresh, empty backend, or with kind="blas", "bf16" or "int8" one that searches `store` in place. IVF runs on
+    faiss only: with kind="torch" an IVF request falls back to exact search, with the CPU kinds it is faiss's IVF."""
+    from srcid.index.prefilter import Bf16ExactBackend, Int8ExactBackend  # prefilter builds on this module
 
-    if kind in ("blas", "bf16") and ivf is not None:
+    if kind in ("blas", "bf16", "int8") and ivf is not None:
         return FaissBackend(dim, ivf, gpu=False)
     if kind == "blas":
         return BlasFlatBackend(dim, store)
     if kind == "bf16":
         return Bf16ExactBackend(dim, store)
+    if kind == "int8":
+        return Int8ExactBackend(dim, store)
     if kind == "faiss-cpu":
         return FaissBackend(dim, ivf, gpu=False)
     if kind == "faiss-gpu":

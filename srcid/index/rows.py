@@ -83,25 +83,45 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((bits + (0x7FFF + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
 
 
+INT8_LEVELS = 127  # symmetric codes -127..127, so a product of two codes never overflows a 32-bit sum at E < 2^17
+
+
+def int8_codes(x: np.ndarray, scale: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows [m, E] -> their int8 codes round(x / scale) [m, E] and each row's rounding error ‖x - scale·codes‖
+    [m] (float64), clipped codes included (a scale under max |x| / 127 makes the errors larger, not wrong). `scale`
+    is one for all rows or one a row [m, 1]."""
+    scale = np.asarray(scale, dtype=np.float64)
+    codes = np.clip(np.rint(x / scale.astype(np.float32)), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    errors = np.linalg.norm(x.astype(np.float64) - scale * codes.astype(np.float64), axis=1)
+    return codes, errors
+
+
 class VectorStore:
-    """Host copy of an index's vectors, in RowTable order: what is persisted, rebuilt from and, by the blas and bf16
-    backends, searched in place. `vectors` is float32 [capacity, E] (rows >= n are garbage), laid out for the backend
-    that searches it:
+    """Host copy of an index's vectors, in RowTable order: what is persisted, rebuilt from and, by the blas, bf16 and
+    int8 backends, searched in place. `vectors` is float32 [capacity, E] (rows >= n are garbage), laid out for the
+    backend that searches it:
     - column by column (a view of a C-contiguous [E, capacity]) for the blas backend: a batch of queries [B, E] is
       scored fastest as one BLAS product with it (100k x 128, 2 queries: 6.7 against 12.9 ms row by row);
-    - row by row once `keep_bf16()` is called: the bf16 backend re-scores each query's candidates from whole rows (32
-      queries' 36 candidates: 0.05 against 0.5-0.8 ms gathered from columns). The blas search it leaves small stores
-      and unsettled queries to is slower over rows (5k rows, 2 queries: 0.56 against 0.38 ms), where searches are
-      cheap anyway (docs/PERFORMANCE.md, Search).
+    - row by row once `keep_bf16()` or `keep_int8()` is called: those backends re-score each query's candidates from
+      whole rows (32 queries' 36 candidates: 0.05 against 0.5-0.8 ms gathered from columns). The blas search they
+      leave small stores and unsettled queries to is slower over rows (5k rows, 2 queries: 0.56 against 0.38 ms),
+      where searches are cheap anyway (docs/PERFORMANCE.md, Search).
 
     `keep_bf16()` also keeps the rows rounded to bfloat16, uint16 bits [capacity, E] (`bf16`), for the bf16 backend's
-    first pass, and `max_norm`, a bound on the rows' norms (removal leaves it as it was)."""
+    first pass. `keep_int8()` keeps them as int8 codes [capacity, E] (`int8`) of one scale for all rows
+    (`int8_scale`, max |x| / 127 over the rows; a row past it makes every row coded again at a new scale, so a
+    store coded while it was empty gets its scale from its first rows), and
+    `int8_error`, a bound on every row's ‖x - int8_scale·codes‖. Both keep `max_norm`, a bound on the rows' norms.
+    Removal leaves the bounds as they were."""
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.table = RowTable()
         self.vectors = self._empty(0, row_major=False)
         self.bf16: np.ndarray | None = None  # rows >= n are garbage
+        self.int8: np.ndarray | None = None  # rows >= n are garbage
+        self.int8_scale = 0.0
+        self.int8_error = 0.0
         self.max_norm = 0.0
 
     def _empty(self, capacity: int, row_major: bool) -> np.ndarray:
@@ -110,15 +130,47 @@ class VectorStore:
             return np.empty((capacity, self.dim), dtype=np.float32)
         return np.empty((self.dim, capacity), dtype=np.float32).T
 
-    def keep_bf16(self) -> None:
-        if self.bf16 is None:
-            n = self.table.n
+    @property
+    def row_major(self) -> bool:
+        return self.bf16 is not None or self.int8 is not None
+
+    def _to_rows(self) -> np.ndarray:
+        """The live float32 rows, the store converted to rows first if it is not yet."""
+        n = self.table.n
+        if not self.row_major:
             rows = self._empty(self.vectors.shape[0], row_major=True)
             rows[:n] = self.vectors[:n]
             self.vectors = rows
-            self.bf16 = aligned_empty((len(rows), self.dim), np.uint16)
-            self.bf16[:n] = bf16_bits(rows[:n])
             self.max_norm = float(np.linalg.norm(rows[:n], axis=1).max(initial=0.0))
+        return self.vectors[:n]
+
+    def keep_bf16(self) -> None:
+        if self.bf16 is None:
+            live = self._to_rows()
+            self.bf16 = aligned_empty((len(self.vectors), self.dim), np.uint16)
+            self.bf16[: len(live)] = bf16_bits(live)
+
+    def keep_int8(self) -> None:
+        if self.int8 is None:
+            live = self._to_rows()
+            self.int8 = aligned_empty((len(self.vectors), self.dim), np.int8)
+            self._code_int8(float(np.abs(live).max(initial=0.0)))
+
+    def _code_int8(self, max_abs: float) -> None:
+        """Every live row coded again at the scale `max_abs` calls for (0 while every row is zero)."""
+        assert self.int8 is not None
+        n = self.table.n
+        self.int8_scale = max_abs / INT8_LEVELS
+        self.int8_error = 0.0
+        self._code_int8_rows(slice(0, n), self.vectors[:n])
+
+    def _code_int8_rows(self, rows: slice, vectors: np.ndarray) -> None:
+        assert self.int8 is not None
+        if self.int8_scale == 0:  # all zero so far, as these vectors are: coded exactly
+            self.int8[rows] = 0
+            return
+        self.int8[rows], errors = int8_codes(vectors, self.int8_scale)
+        self.int8_error = max(self.int8_error, float(errors.max(initial=0.0)))
 
     def __len__(self) -> int:
         return self.table.n
@@ -130,24 +182,34 @@ class VectorStore:
         """New keys int64 [m] (none present) with vectors float32 [m, E]."""
         rows = self.table.append(np.asarray(keys, dtype=np.int64))
         if rows.stop > len(self.vectors):
-            grown = self._empty(len(self.table.keys), row_major=self.bf16 is not None)
+            capacity = len(self.table.keys)
+            grown = self._empty(capacity, row_major=self.row_major)
             grown[: rows.start] = self.vectors[: rows.start]
             self.vectors = grown
-            if self.bf16 is not None:
-                grown16 = aligned_empty((len(self.table.keys), self.dim), np.uint16)
-                grown16[: rows.start] = self.bf16[: rows.start]
-                self.bf16 = grown16
+            for name, dtype in (("bf16", np.uint16), ("int8", np.int8)):
+                if (old := getattr(self, name)) is not None:
+                    mirror = aligned_empty((capacity, self.dim), dtype)
+                    mirror[: rows.start] = old[: rows.start]
+                    setattr(self, name, mirror)
         vectors = np.asarray(vectors, dtype=np.float32)
         self.vectors[rows] = vectors
+        if self.row_major:
+            self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max(initial=0.0)))
         if self.bf16 is not None:
             self.bf16[rows] = bf16_bits(vectors)
-            self.max_norm = max(self.max_norm, float(np.linalg.norm(vectors, axis=1).max(initial=0.0)))
+        if self.int8 is not None:
+            max_abs = float(np.abs(vectors).max(initial=0.0))
+            if max_abs > INT8_LEVELS * self.int8_scale:
+                self._code_int8(max(max_abs, float(np.abs(self.vectors[: rows.start]).max(initial=0.0))))
+            else:
+                self._code_int8_rows(rows, vectors)
 
     def remove(self, keys: Sequence[int]) -> None:
         holes, movers = self.table.remove(keys)
         self.vectors[holes] = self.vectors[movers]
-        if self.bf16 is not None:
-            self.bf16[holes] = self.bf16[movers]
+        for mirror in (self.bf16, self.int8):
+            if mirror is not None:
+                mirror[holes] = mirror[movers]
 
     def live(self) -> tuple[np.ndarray, np.ndarray]:
         """Views of keys int64 [n] and vectors float32 [n, E]; copy before releasing the owner's lock."""

@@ -22,7 +22,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--runtime-backend", "runtime_backend", str, "onnx-cpu, onnx-cuda, torch-cuda, torch-cpu, auto"),
     ("--runtime-threads", "runtime_threads", int, "onnxruntime intra-op threads (SRCID_RUNTIME_THREADS, 1; 0: all cores)"),
     ("--index-threads", "index_threads", int, "CPU search threads, faiss OpenMP, torch and BLAS (SRCID_INDEX_THREADS, 1; 0: all cores)"),
-    ("--index-backend", "index_backend", str, "blas, bf16, faiss-cpu, faiss-gpu, torch, auto"),
+    ("--index-backend", "index_backend", str, "blas, bf16, int8, faiss-cpu, faiss-gpu, torch, auto"),
     ("--index-kind", "index_kind", str, "flat (exact, default) or ivf (approximate; SRCID_INDEX_KIND)"),
     ("--ivf-min-items", "ivf_min_items", int, "index-kind ivf: items per modality before IVF (SRCID_IVF_MIN_ITEMS, 50000)"),
     ("--max-batch", "max_batch", int, "rows per runtime call (SRCID_MAX_BATCH, 64; 1 turns batching off)"),

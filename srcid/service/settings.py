@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     # (docs/PERFORMANCE.md, Serve: faiss B=1 search on 100k items 3.2 ms with one thread, 22.7 ms with two).
     runtime_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: its default, all cores)")
     index_threads: int = Field(1, ge=0, description="threads of CPU search, faiss OpenMP, torch and BLAS (0: their default, all cores)")
-    index_backend: str = Field("auto", description="blas, bf16, faiss-cpu, faiss-gpu, torch or auto")
+    index_backend: str = Field("auto", description="blas, bf16, int8, faiss-cpu, faiss-gpu, torch or auto")
     index_kind: Literal["flat", "ivf"] = Field(
         "flat", description="flat: exact search; ivf: approximate, for modalities of ivf_min_items or more")
     ivf_min_items: int = Field(50_000, ge=1, description="with index_kind=ivf: items a modality needs before IVF")

@@ -67,7 +67,7 @@ class Found:
 
 def _search_threads(n: int) -> None:
     """OpenMP's thread count is per calling thread, so each search thread sets faiss's own and torch's (the bf16
-    backend's products); OpenBLAS's (the blas backend's) is one per process, set by the first."""
+    and int8 backends' products); OpenBLAS's (the blas backend's) is one per process, set by the first."""
     if n:
         import faiss
         import torch
