@@ -51,8 +51,8 @@ class CatalogIndex:
         return {m: len(ix) for m, ix in self.modalities.items()}
 
     def fallbacks(self) -> dict[str, int]:
-        """Per modality, queries the bf16 or int8 backend's first pass could not settle (searched again in float32) since its
-        backend was built; 0 for backends without a first pass."""
+        """Per modality, queries the bf16 or int8 backend's first pass could not settle (searched again in float32)
+        since its backend was built; 0 for backends without a first pass."""
         return {m: ix.backend.fallbacks for m, ix in self.modalities.items()}
 
     # -- keeping up with the catalog ----------------------------------------------------------------------

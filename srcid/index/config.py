@@ -12,7 +12,8 @@ from srcid.index.backends import BACKEND_KINDS
 class IndexConfig:
     """kind: "flat" (exact, the default) or "ivf" (approximate, for catalogs of ivf_min_items or more per modality;
     nprobe is tuned until recall@10 against exact search reaches ivf_target_recall). backend: "auto", "blas",
-    "bf16", "int8", "faiss-cpu", "faiss-gpu" or "torch" (torch_device "cuda", or "cpu" to run the same blocked code on the CPU).
+    "bf16", "int8", "faiss-cpu", "faiss-gpu" or "torch" (torch_device "cuda", or "cpu" to run the same blocked code on
+    the CPU).
     max_masked: deleted-but-still-indexed entries tolerated on backends without removal before a background rebuild."""
 
     kind: str = "flat"

@@ -36,6 +36,7 @@ below; a bf16 query whose thresholds (the best group and row not kept) are negat
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import numpy as np
@@ -64,14 +65,12 @@ def int8_query_codes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 class PrefilterBackend(StoreBackend):
     """Exact search over a VectorStore (the index's own, searched in place like the blas backend's, or one of its
     own): a low-precision first pass over the store's mirror of its rows (`_first_pass`), float32 re-scoring of the
-    best `want` = 2k + 16 rows per query from the store's float32 rows, the blas backend for the queries whose
-    answer that cannot prove (`_left_out_bound`). Stores under `min_rows` rows (`min_rows_single` for one query),
-    or too few for the candidates, go to the blas backend directly: there the pass's fixed cost, a dozen small torch
-    calls, outweighs its speed."""
+    best `want` = per_k·k + extra rows per query (2k + 16 for bf16, 4k + 16 for int8) from the store's float32 rows,
+    the blas backend for the queries whose answer that cannot prove (`_left_out_bound`). Stores under `min_rows` rows
+    (`min_rows_single` for one query), or too few for the candidates, go to the blas backend directly: there the
+    pass's fixed cost, a dozen small torch calls, outweighs its speed."""
 
-    name = "prefilter"
     per_k, extra = 2, 16  # want = per_k·k + extra candidates a query
-
     min_rows, min_rows_single = 10_000, 40_000  # each kind's own, from its crossovers with the blas backend
 
     def __init__(self, dim: int, store: VectorStore | None = None, group: int = 32, block_rows: int = 1 << 17,
@@ -89,18 +88,19 @@ class PrefilterBackend(StoreBackend):
         if min_rows_single is not None:
             self.min_rows_single = min_rows_single
 
+    @abstractmethod
     def _keep_mirror(self) -> None:
-        raise NotImplementedError
+        """Have the store keep the rows as this pass reads them."""
 
+    @abstractmethod
     def _first_pass(self, q: np.ndarray, padded: int) -> tuple[Any, Any]:
         """Scores of queries [B, E] against rows [padded, E] as integer keys [padded, B] that order like them (rows
         >= n at the keys' minimum), and what `_left_out_bound` needs of this pass."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _left_out_bound(self, q: np.ndarray, edge: Any, context: Any) -> np.ndarray:
         """From each query's two selection thresholds (keys [B, 2]: the best group and row not kept), the highest
         exact score a row not scored again can have [B]; +inf where it cannot tell."""
-        raise NotImplementedError
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n, g = len(self.store), self.group

@@ -28,8 +28,9 @@ class _Live:
         for modality, n in figures.get("index_counts", {}).items():
             items.add_metric([modality], float(n))
         yield items
-        fallbacks = CounterMetricFamily("srcid_index_fallback_queries", "queries the bf16 or int8 index backend searched "
-                                        "again in float32 (its first pass could not prove their answer)", labels=["modality"])
+        fallbacks = CounterMetricFamily("srcid_index_fallback_queries", "queries the bf16 or int8 index backend "
+                                        "searched again in float32 (its first pass could not prove their answer)",
+                                        labels=["modality"])
         for modality, n in figures.get("index_fallbacks", {}).items():
             fallbacks.add_metric([modality], float(n))
         yield fallbacks
