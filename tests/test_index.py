@@ -369,6 +369,12 @@ def test_int8_error_bound_holds_for_torch_int8_products():
     assert (products.T == codes.astype(np.int64) @ store.int8[: len(x)].astype(np.int64).T).all()  # exact sums
 
 
+def test_int8_backend_refuses_sizes_whose_sums_could_overflow():
+    assert Int8ExactBackend(133_144).name == "int8-cpu-exact"  # 133144 * 127^2 < 2^31
+    with pytest.raises(ValueError, match="too large for int32 sums"):
+        Int8ExactBackend(133_145)
+
+
 def test_int8_codes_follow_the_store_and_its_scale():
     """The int8 codes stay those of the live rows at the store's scale through growth and removals; a row past
     the scale codes every row again at a larger one; the error bound covers every row; an empty store takes its

@@ -182,6 +182,9 @@ class Int8ExactBackend(PrefilterBackend):
     min_rows, min_rows_single = 20_000, 40_000
 
     def _keep_mirror(self) -> None:
+        if self.dim * INT8_LEVELS**2 >= 2**31:
+            raise ValueError(f"int8 backend: E = {self.dim} is too large for int32 sums of int8 products (it takes "
+                             f"E < {2**31 // INT8_LEVELS**2}); use the blas backend")
         self.store.keep_int8()
 
     def _first_pass(self, q: np.ndarray, padded: int) -> tuple[Any, Any]:
