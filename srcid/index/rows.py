@@ -199,8 +199,8 @@ class VectorStore:
             self.bf16[rows] = bf16_bits(vectors)
         if self.int8 is not None:
             max_abs = float(np.abs(vectors).max(initial=0.0))
-            if max_abs > INT8_LEVELS * self.int8_scale:
-                self._code_int8(max(max_abs, float(np.abs(self.vectors[: rows.start]).max(initial=0.0))))
+            if max_abs > INT8_LEVELS * self.int8_scale:  # every earlier row is within 127 · scale < max_abs
+                self._code_int8(max_abs)
             else:
                 self._code_int8_rows(rows, vectors)
 
