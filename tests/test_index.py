@@ -236,17 +236,17 @@ def test_prefilter_backends_equal_faiss_exact(kind, data, batch, k):
     n, dim = 9001, 64  # not a multiple of the group or the block
     vectors = unit(rng, n, dim) if data == "random" else clustered_unit(rng, n, dim, 50, 0.5)
     keys = rng.permutation(10**6)[:n].astype(np.int64)
-    bf16 = PREFILTERS[kind](dim, group=8, block_rows=1000, min_rows=0, min_rows_single=0)
+    backend = PREFILTERS[kind](dim, group=8, block_rows=1000, min_rows=0, min_rows_single=0)
     faiss_backend = FaissBackend(dim)
     for start in range(0, n, 3000):  # several appends: the bf16 or int8 rows grow with the float32 ones
-        bf16.add(keys[start : start + 3000], vectors[start : start + 3000])
+        backend.add(keys[start : start + 3000], vectors[start : start + 3000])
         faiss_backend.add(keys[start : start + 3000], vectors[start : start + 3000])
     queries = unit(rng, batch, dim) if data == "random" else unit_rows(vectors[:batch] + 0.3 * rng.normal(size=(batch, dim)))
-    b_scores, b_keys = bf16.search(queries, k)
+    b_scores, b_keys = backend.search(queries, k)
     f_scores, f_keys = faiss_backend.search(queries, k)
     assert (b_keys == f_keys).all()
     np.testing.assert_allclose(b_scores, f_scores, atol=1e-5)
-    assert bf16.fallbacks < batch, "the first pass settled no query: the blas backend answered them all"
+    assert backend.fallbacks < batch, "the first pass settled no query: the blas backend answered them all"
 
 
 @pytest.mark.parametrize("kind", sorted(PREFILTERS))
@@ -271,7 +271,7 @@ def test_prefilter_backends_hand_crowded_queries_to_the_exact_search(kind):
 
 
 @pytest.mark.parametrize("kind", sorted(PREFILTERS))
-def test_bf16_backend_searches_again_where_its_thresholds_are_negative(kind):
+def test_prefilter_backends_where_the_thresholds_are_negative(kind):
     """The bf16 first pass ranks the scores by their bits as int16, which order like the scores only where these are
     >= 0, so a query whose selection thresholds fall below zero (fewer rows than it keeps score above zero) is
     searched again in float32. Here 20 rows score above zero against the opposite queries, fewer than the 2k + 16 =
@@ -282,14 +282,14 @@ def test_bf16_backend_searches_again_where_its_thresholds_are_negative(kind):
     vectors = unit_rows(np.abs(rng.normal(size=(n, dim))))  # in the positive orthant
     vectors[:20] *= -1  # but 20, which score > 0 against any query in the negative orthant
     keys = np.arange(n, dtype=np.int64)
-    bf16 = PREFILTERS[kind](dim, group=8, min_rows=0)
-    bf16.add(keys, vectors)
+    backend = PREFILTERS[kind](dim, group=8, min_rows=0)
+    backend.add(keys, vectors)
     opposite = unit_rows(-np.abs(rng.normal(size=(6, dim))))
     queries = np.concatenate([opposite, unit_rows(np.abs(rng.normal(size=(6, dim))))])
-    scores, found = bf16.search(queries, 10)
+    scores, found = backend.search(queries, 10)
     assert (found == brute_force(queries, keys, vectors, 10)).all()
     assert (found[:6] < 20).all()
-    assert bf16.fallbacks == (6 if kind == "bf16" else 0)  # the opposite queries only, and only in bf16
+    assert backend.fallbacks == (6 if kind == "bf16" else 0)  # the opposite queries only, and only in bf16
 
 
 @pytest.mark.parametrize("kind", sorted(PREFILTERS))
@@ -302,15 +302,15 @@ def test_prefilter_backends_leave_small_stores_to_blas(kind):
     vectors = unit(rng, n, dim)
     keys = np.arange(n, dtype=np.int64)
     for min_rows, min_rows_single, to_blas in [(0, 0, []), (0, n + 1, [1]), (n + 1, n + 1, [1, 2, 3])]:
-        bf16 = PREFILTERS[kind](dim, group=8, min_rows=min_rows, min_rows_single=min_rows_single)
-        bf16.add(keys, vectors)
+        backend = PREFILTERS[kind](dim, group=8, min_rows=min_rows, min_rows_single=min_rows_single)
+        backend.add(keys, vectors)
         sizes: list[int] = []
-        exact_search = bf16.exact.search
-        bf16.exact.search = lambda q, k, exact_search=exact_search: sizes.append(len(q)) or exact_search(q, k)
+        exact_search = backend.exact.search
+        backend.exact.search = lambda q, k, exact_search=exact_search: sizes.append(len(q)) or exact_search(q, k)
         for batch in (1, 2, 3):
             queries = unit(rng, batch, dim)
-            assert (bf16.search(queries, 10)[1] == brute_force(queries, keys, vectors, 10)).all()
-        assert sizes == to_blas and bf16.fallbacks == 0
+            assert (backend.search(queries, 10)[1] == brute_force(queries, keys, vectors, 10)).all()
+        assert sizes == to_blas and backend.fallbacks == 0
 
 
 def test_bf16_error_bound_holds_for_torch_bf16_products():
