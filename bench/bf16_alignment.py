@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16, 32, 48])
     parser.add_argument("--rounds", type=int, default=9, help="alternations per batch size (medians are printed)")
     parser.add_argument("--calls", type=int, default=5, help="calls per copy and round")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the service's SRCID_INDEX_THREADS=1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: one of the service's search threads)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -257,3 +257,33 @@ def test_srcid_serve_lets_openmp_threads_sleep_unless_told_otherwise(monkeypatch
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     sleeping_openmp_threads()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_search_threads_default_to_two_for_the_int8_pass_and_one_otherwise():
+    """SRCID_INDEX_THREADS unset: 2 search threads where the index backend is int8 (explicit, or what `auto` picks
+    on this CPU), 1 otherwise; a value given is kept. The thread count lands in the search thread itself."""
+    import threading
+
+    import torch
+
+    from srcid.index.backends import choose_backend_kind
+    from srcid.service.settings import Settings
+    from srcid.service.state import _search_threads, search_threads
+
+    assert Settings().index_threads is None
+    assert search_threads(None, "int8") == 2
+    assert search_threads(None, "blas") == search_threads(None, "bf16") == search_threads(None, "faiss-cpu") == 1
+    assert search_threads(None, "auto") == (2 if choose_backend_kind("auto") == "int8" else 1)
+    assert search_threads(3, "int8") == 3 and search_threads(0, "blas") == 0
+    seen: list[int] = []
+
+    def search_thread() -> None:
+        _search_threads(None, "int8")
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=search_thread)
+    thread.start()
+    thread.join()
+    assert seen == [2]
+    torch.set_num_threads(before)  # torch's count is process-wide: leave it as the other tests found it

@@ -34,11 +34,12 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
     queue_size: int = Field(1024, ge=1, description="encode requests waiting per modality; a full queue answers 429")
     runtime_backend: str = Field("auto", description="onnx-cpu, onnx-cuda, torch-cuda, torch-cpu or auto")
-    # One thread each by default: the service already runs calls side by side (a worker per modality, a decode
-    # pool), and on a small or shared host spinning OpenMP/onnxruntime workers cost far more than they give
-    # (docs/PERFORMANCE.md, Serve: faiss B=1 search on 100k items 3.2 ms with one thread, 22.7 ms with two).
+    # One encoder thread by default: the service already runs calls side by side (a worker per modality, a decode
+    # pool), and on a small or shared host spinning onnxruntime workers cost far more than they give
+    # (docs/PERFORMANCE.md, Serve). The search threads' default is the state's `search_threads`.
     runtime_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: its default, all cores)")
-    index_threads: int = Field(1, ge=0, description="threads of CPU search, faiss OpenMP, torch and BLAS (0: their default, all cores)")
+    index_threads: int | None = Field(None, ge=0, description="threads of CPU search, faiss OpenMP, torch and BLAS "
+                                      "(default: 2 with the int8 backend, else 1; 0: their default, all cores)")
     index_backend: str = Field("auto", description="blas, bf16, int8, faiss-cpu, faiss-gpu, torch or auto")
     index_kind: Literal["flat", "ivf"] = Field(
         "flat", description="flat: exact search; ivf: approximate, for modalities of ivf_min_items or more")

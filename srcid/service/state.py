@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from srcid.index.backends import choose_backend_kind
 from srcid.index.catalog import Catalog, open_catalog
 from srcid.index.catalog_index import MAX_TOP_K, CatalogIndex, open_index_for_catalog
 from srcid.index.errors import BadEmbeddingError, CatalogUnavailableError
@@ -65,9 +66,20 @@ class Found:
     encoded: Encoded | None
 
 
-def _search_threads(n: int) -> None:
+def search_threads(requested: int | None, backend: str) -> int:
+    """SRCID_INDEX_THREADS, or by default 2 where the search is the int8 pass and 1 otherwise. With OpenMP's idle
+    threads asleep (`srcid serve`), two int8 threads gave /retrieve 1.14-1.27x the throughput at 64 in flight in
+    four runs on three 2-vCPU VMs, with a lower p99 there in three; with the bf16 or blas pass, 0.99-1.10x in
+    three runs, the p99 no lower (docs/PERFORMANCE.md, Serve, twentieth session)."""
+    if requested is not None:
+        return requested
+    return 2 if choose_backend_kind(backend) == "int8" else 1
+
+
+def _search_threads(requested: int | None, backend: str) -> None:
     """OpenMP's thread count is per calling thread, so each search thread sets faiss's own and torch's (the bf16
     and int8 backends' products); OpenBLAS's (the blas backend's) is one per process, set by the first."""
+    n = search_threads(requested, backend)
     if n:
         import faiss
         import torch
@@ -114,7 +126,8 @@ class ServiceState:
         self.cache = EncodeCache(settings.cache_url, self.metrics.cache_result) if settings.cache_url else None
         self.encoders = {m: self._batcher(f"encode-{m}", lambda p, m=m: self._encode_batch(m, p)) for m in MODALITIES}
         self.retrievers = {m: self._batcher(f"retrieve-{m}", lambda p, m=m: self._retrieve_batch(m, p),
-                                            functools.partial(_search_threads, settings.index_threads))
+                                            functools.partial(_search_threads, settings.index_threads,
+                                                              settings.index_backend))
                            for m in MODALITIES}
         self._stop = threading.Event()
         self._loader: asyncio.Future | None = None
