@@ -259,7 +259,7 @@ def test_srcid_serve_lets_openmp_threads_sleep_unless_told_otherwise(monkeypatch
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_search_threads_default_to_two_for_the_int8_pass_and_one_otherwise():
+def test_search_threads_default_to_two_for_the_int8_pass_and_one_otherwise(monkeypatch):
     """SRCID_INDEX_THREADS unset: 2 search threads where the index backend is int8 (explicit, or what `auto` picks
     on this CPU), 1 otherwise; a value given is kept. The thread count lands in the search thread itself."""
     import threading
@@ -270,6 +270,7 @@ def test_search_threads_default_to_two_for_the_int8_pass_and_one_otherwise():
     from srcid.service.settings import Settings
     from srcid.service.state import _search_threads, search_threads
 
+    monkeypatch.delenv("SRCID_INDEX_THREADS", raising=False)
     assert Settings().index_threads is None
     assert search_threads(None, "int8") == 2
     assert search_threads(None, "blas") == search_threads(None, "bf16") == search_threads(None, "faiss-cpu") == 1
