@@ -282,9 +282,7 @@ def test_search_threads_default_to_two_for_the_int8_pass_and_one_otherwise(monke
         _search_threads(None, "int8")
         seen.append(torch.get_num_threads())
 
-    before = torch.get_num_threads()
-    thread = threading.Thread(target=search_thread)
+    thread = threading.Thread(target=search_thread)  # torch's count is the calling thread's (OpenMP's), as here
     thread.start()
     thread.join()
     assert seen == [2]
-    torch.set_num_threads(before)  # torch's count is process-wide: leave it as the other tests found it
