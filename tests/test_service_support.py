@@ -65,12 +65,14 @@ def wait_until(url: str, path: str, timeout: float, want: int = 200) -> httpx.Re
 
 
 class ThreadServer:
-    """A real uvicorn server for `create_app(Settings(**settings))` in a thread of the test process."""
+    """A real uvicorn server for `create_app(Settings(**settings))` in a thread of the test process, with the HTTP
+    protocol `srcid serve` gives uvicorn (srcid.service.protocol), or uvicorn's own with `http="httptools"`."""
 
-    def __init__(self, **settings):
+    def __init__(self, http=None, **settings):
         import uvicorn
 
         from srcid.service.app import create_app
+        from srcid.service.protocol import DirectHttpProtocol
         from srcid.service.settings import Settings
 
         self.port = free_port()
@@ -78,7 +80,8 @@ class ThreadServer:
         self.settings = Settings(host="127.0.0.1", port=self.port, **settings)
         self.app = create_app(self.settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, timeout_graceful_shutdown=10))
+                                                    access_log=False, timeout_graceful_shutdown=10,
+                                                    http=http or DirectHttpProtocol))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

@@ -79,24 +79,32 @@ class Guard:
                     await self.app(scope, _replaying(body, receive), send_recording)
                     return
                 scope["route"] = route
-                try:
-                    answer = await route.answer(self.state, body)
-                except Exception as exc:  # noqa: BLE001 - answered as the app's error handlers answer it
-                    await error_response_for(exc)(scope, receive, send_recording)
-                    return
-                await send_recording({"type": "http.response.start", "status": 200,
-                                      "headers": [*JSON_HEADERS, (b"content-length", b"%d" % len(answer))]})
+                status_code, answer_headers, answer = await self.direct_answer(route, body)
+                await send_recording({"type": "http.response.start", "status": status_code, "headers": answer_headers})
                 await send_recording({"type": "http.response.body", "body": answer})
             else:
                 await self.app(scope, receive, send_recording)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            elapsed = time.perf_counter() - start
-            self.state.metrics.request_done(path, scope["method"], status["code"], elapsed)
-            if self.access.enabled():
-                self.access.write({"method": scope["method"], "path": scope["path"], "route": path,
-                                   "status": status["code"], "ms": round(elapsed * 1000, 2)})
+            self.record(scope["method"], scope["path"], getattr(route, "path", "unmatched"), status["code"],
+                        time.perf_counter() - start)
+
+    async def direct_answer(self, route: JSONBodyRoute, body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """A direct route's answer to a request body: status, headers and body, an error as the app's error handlers
+        answer it. Also what srcid.service.protocol's uvicorn protocol answers these routes with."""
+        try:
+            answer = await route.answer(self.state, body)
+        except Exception as exc:  # noqa: BLE001 - answered as the app's error handlers answer it
+            response = error_response_for(exc)
+            return response.status_code, response.raw_headers, bytes(response.body)
+        return 200, [*JSON_HEADERS, (b"content-length", b"%d" % len(answer))], answer
+
+    def record(self, method: str, path: str, route: str, status: int, seconds: float) -> None:
+        """A request's metrics and access line."""
+        self.state.metrics.request_done(route, method, status, seconds)
+        if self.access.enabled():
+            self.access.write({"method": method, "path": path, "route": route, "status": status,
+                               "ms": round(seconds * 1000, 2)})
 
 
 def _too_large(limit: int) -> Response:

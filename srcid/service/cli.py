@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .app import create_app
     from .logs import configure
+    from .protocol import DirectHttpProtocol
     from .settings import Settings
     from .state import WORKER_DIR_ENV
 
@@ -84,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config)
     # uvicorn finishes requests in flight on SIGTERM/SIGINT (up to the graceful timeout), then the lifespan's
     # shutdown drains the batchers and saves the index.
+    # POSTs to /encode and /retrieve are answered without uvicorn's ASGI cycle (srcid/service/protocol.py).
     common = dict(host=settings.host, port=settings.port, log_config=log_config, access_log=False,
-                  timeout_graceful_shutdown=30)
+                  timeout_graceful_shutdown=30, http=DirectHttpProtocol)
     if settings.workers == 1:
         uvicorn.run(create_app(settings), **common)
         return 0
