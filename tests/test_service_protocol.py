@@ -180,14 +180,15 @@ def test_a_chunked_body(servers):
         for start in range(0, len(ENCODE_RAW), 4096):
             yield ENCODE_RAW[start : start + 4096]
 
-    r = httpx.post(server.url + "/encode", content=chunks(), timeout=60)  # a generator goes as Transfer-Encoding: chunked
+    # httpx sends a generator's body as Transfer-Encoding: chunked
+    r = httpx.post(server.url + "/encode", content=chunks(), timeout=60)
     assert r.status_code == 200 and r.content == _encode_answer(server)
 
 
 def _encodes_counted(server: ThreadServer, status: int) -> float:
     text = httpx.get(server.url + "/metrics", timeout=30).text
-    line = next((x for x in text.splitlines()
-                 if x.startswith("srcid_requests_total{") and 'route="/encode"' in x and f'status="{status}"' in x), None)
+    wanted = ("srcid_requests_total{", 'route="/encode"', f'status="{status}"')
+    line = next((x for x in text.splitlines() if all(part in x for part in wanted)), None)
     return float(line.rsplit(" ", 1)[1]) if line else 0.0
 
 
@@ -238,3 +239,19 @@ def test_worker_processes_find_the_guard():
         app = app.app
     assert app is not config.loaded_app and _guard_of(config.loaded_app) is app.guard
     assert _guard_of(lambda scope, receive, send: None) is None
+
+
+def test_a_request_left_unanswered_closes_its_connection(servers, monkeypatch):
+    """An error while answering (here a Guard that raises) must not leave the client waiting, nor let the next answer on
+    the connection be taken for this request's: the server closes the connection, and serves the next one."""
+    server = servers["direct"]
+
+    async def broken(route, body):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(server.app.guard, "direct_answer", broken)
+    with _connect(server) as sock, sock.makefile("rb") as reader:
+        sock.sendall(_request("/encode", ENCODE_RAW) + _request("/healthz"))
+        assert reader.read() == b""  # closed, with no answer to either
+    monkeypatch.undo()
+    assert httpx.post(server.url + "/encode", content=ENCODE_RAW, timeout=60).status_code == 200

@@ -56,8 +56,11 @@ class DirectCycle:
         self.response_complete = False
 
     async def run_asgi(self, app: Any) -> None:
-        """Answer the request (`app`, uvicorn's ASGI app, is not needed: Guard answers)."""
+        """Answer the request (`app`, uvicorn's ASGI app, is not needed: Guard answers). A request left unanswered
+        (its client gone, an error writing, a task cancelled at the end of a shutdown) closes the connection: the
+        answers after it on a keep-alive connection would be taken for its own."""
         protocol = self.protocol
+        answered = False
         try:
             while self.more_body and not self.disconnected:
                 protocol.flow.resume_reading()  # uvicorn pauses reading past 64 KiB until the body is taken
@@ -75,14 +78,14 @@ class DirectCycle:
                 head.append(b"connection: close\r\n")
             head += (b"\r\n", body)
             protocol.transport.write(b"".join(head))
+            answered = True
             self.guard.record("POST", self.path, self.route.path, status, time.perf_counter() - self.started)
-        except Exception:  # noqa: BLE001 - never leave the client waiting on a connection nobody answers
+        except Exception:  # noqa: BLE001 - logged here; the connection is closed below
             log.exception("POST %s: no answer could be written; closing the connection", self.path)
-            self.keep_alive = False
         finally:
             self.response_complete = True
             self.message_event.set()
-            if not self.keep_alive:
+            if not (answered and self.keep_alive):
                 protocol.transport.close()
             if not self.disconnected:
                 protocol.on_response_complete()
