@@ -1,10 +1,10 @@
 """The HTTP/1.1 protocol `srcid serve` gives uvicorn: uvicorn's own httptools protocol, except that a POST to one of
 Guard's direct routes (/encode, /retrieve) is answered by Guard's `direct_answer` without an ASGI request cycle.
 
-Under load, the event loop is what limits a batched /encode server (docs/PERFORMANCE.md, Serve), and a third of its
-time a request went to uvicorn's ASGI cycle and the layers in front of Guard: an asyncio.Event, a scope and a task
-per request, ProxyHeadersMiddleware, `receive` and two `send` calls with their header checks, and two writes to the
-socket. A `DirectCycle` stands where uvicorn's `RequestResponseCycle` would, so uvicorn's own keep-alive, pipelining,
+Under load, the event loop is what limits a batched /encode server, and about 30 % of its time (py-spy's samples;
+docs/PERFORMANCE.md, Serve, twenty-first session) went to uvicorn's ASGI cycle and the layers in front of Guard: an
+asyncio.Event, a scope and a task per request, ProxyHeadersMiddleware, `receive` and two `send` calls with their
+header checks, and two writes to the socket. A `DirectCycle` stands where uvicorn's `RequestResponseCycle` would, so uvicorn's own keep-alive, pipelining,
 flow control, shutdown and disconnect handling run unchanged around it; it takes the body as uvicorn hands it over,
 awaits Guard's answer and writes it in one piece. Requests it cannot answer so exactly go through the ASGI app as
 before: any other method or path (a query string included), a body without Content-Length, or chunked, or larger
