@@ -211,7 +211,7 @@ def test_which_requests_take_the_direct_way(servers, monkeypatch):
 
     def spying(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        taken.append(self.path)
+        taken.append(self.route.path)
 
     monkeypatch.setattr(protocol.DirectCycle, "__init__", spying)
     server = servers["direct"]

@@ -4,11 +4,12 @@ Guard's direct routes (/encode, /retrieve) is answered by Guard's `direct_answer
 Under load, the event loop is what limits a batched /encode server, and about 30 % of its time (py-spy's samples;
 docs/PERFORMANCE.md, Serve, twenty-first session) went to uvicorn's ASGI cycle and the layers in front of Guard: an
 asyncio.Event, a scope and a task per request, ProxyHeadersMiddleware, `receive` and two `send` calls with their
-header checks, and two writes to the socket. A `DirectCycle` stands where uvicorn's `RequestResponseCycle` would, so uvicorn's own keep-alive, pipelining,
-flow control, shutdown and disconnect handling run unchanged around it; it takes the body as uvicorn hands it over,
-awaits Guard's answer and writes it in one piece. Requests it cannot answer so exactly go through the ASGI app as
-before: any other method or path (a query string included), a body without Content-Length, or chunked, or larger
-than SRCID_MAX_BODY_BYTES, `Expect: 100-continue`, an upgrade, a root path, uvicorn's --limit-concurrency.
+header checks, and two writes to the socket. A `DirectCycle` stands where uvicorn's `RequestResponseCycle` would, so
+uvicorn's own keep-alive, pipelining, flow control, shutdown and disconnect handling run unchanged around it; it
+takes the body as uvicorn hands it over, awaits Guard's answer and writes it in one piece. Requests it cannot answer
+so exactly go through the ASGI app as before: any other method or path (a query string included), a body without
+Content-Length, or chunked, or larger than SRCID_MAX_BODY_BYTES, `Expect: 100-continue`, an upgrade, a root path,
+uvicorn's --limit-concurrency.
 
 This subclasses uvicorn's `HttpToolsProtocol` (uvicorn.protocols.http.httptools_impl, not a documented API):
 tests/test_service_protocol.py checks, on the uvicorn installed, that both ways give the same answers.
@@ -46,7 +47,6 @@ class DirectCycle:
 
     def __init__(self, protocol: DirectHttpProtocol, guard: Guard, route: JSONBodyRoute, keep_alive: bool):
         self.protocol, self.guard, self.route = protocol, guard, route
-        self.path = protocol.url.decode("ascii")
         self.started = time.perf_counter()
         self.body = bytearray()
         self.more_body = True
@@ -79,9 +79,9 @@ class DirectCycle:
             head += (b"\r\n", body)
             protocol.transport.write(b"".join(head))
             answered = True
-            self.guard.record("POST", self.path, self.route.path, status, time.perf_counter() - self.started)
+            self.guard.record("POST", self.route.path, self.route.path, status, time.perf_counter() - self.started)
         except Exception:  # noqa: BLE001 - logged here; the connection is closed below
-            log.exception("POST %s: no answer could be written; closing the connection", self.path)
+            log.exception("POST %s: no answer could be written; closing the connection", self.route.path)
         finally:
             self.response_complete = True
             self.message_event.set()
