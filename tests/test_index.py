@@ -9,15 +9,16 @@ import pytest
 
 from srcid.index import modality_index
 from srcid.index.backends import (BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, choose_backend_kind,
-                                   cpu_has_amx_bf16, cpu_has_avx512_vnni, faiss_gpu_count, make_backend,
+                                   cpu_has_amx_bf16, cpu_has_avx2, cpu_has_avx512_vnni, faiss_gpu_count, make_backend,
                                    torch_cuda_available)
 from srcid.index.config import IndexConfig
 from srcid.index.ivf import recall_at_10
 from srcid.index.modality_index import ModalityIndex
-from srcid.index.prefilter import Bf16ExactBackend, Int8ExactBackend, bf16_error_bound, int8_query_codes
-from srcid.index.rows import ROW_ALIGNMENT, VectorStore, aligned_empty, bf16_bits, int8_codes
+from srcid.index.prefilter import (MLAS_QUERY_LEVELS, Bf16ExactBackend, Int8ExactBackend, MlasInt8ExactBackend,
+                                    bf16_error_bound, int8_query_codes)
+from srcid.index.rows import INT8_LEVELS, ROW_ALIGNMENT, VectorStore, aligned_empty, bf16_bits, int8_codes
 
-PREFILTERS = {"bf16": Bf16ExactBackend, "int8": Int8ExactBackend}
+PREFILTERS = {"bf16": Bf16ExactBackend, "int8": Int8ExactBackend, "int8-mlas": MlasInt8ExactBackend}
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -73,8 +74,9 @@ def test_blocked_topk_equals_faiss_exact(blocked, batch, k, budget, group):
 @pytest.mark.parametrize("make", [lambda d: FaissBackend(d), lambda d: TorchBlockedBackend(d, device="cpu", score_budget_bytes=2048),
                                   lambda d: BlasFlatBackend(d, score_budget_bytes=2048),
                                   lambda d: Bf16ExactBackend(d, group=4, block_rows=256, min_rows=0, min_rows_single=0),
-                                  lambda d: Int8ExactBackend(d, group=4, block_rows=256, min_rows=0, min_rows_single=0)],
-                         ids=["faiss", "torch", "blas", "bf16", "int8"])
+                                  lambda d: Int8ExactBackend(d, group=4, block_rows=256, min_rows=0, min_rows_single=0),
+                                  lambda d: MlasInt8ExactBackend(d, group=4, min_rows=0, min_rows_single=0)],
+                         ids=["faiss", "torch", "blas", "bf16", "int8", "int8-mlas"])
 def test_backend_deletions_match_a_fresh_build(make):
     rng = np.random.default_rng(1)
     n, dim = 1500, 24
@@ -346,27 +348,43 @@ def test_bf16_bits_round_like_torch_and_follow_the_store():
     assert store.max_norm == pytest.approx(2.0)
 
 
-def test_int8_error_bound_holds_for_torch_int8_products():
-    """The int8 backend's bound (its module's docstring) on this machine's `_int_mm`, from a store's own codes and
-    scale, vectors of unequal norms included, and tight enough to mean something."""
-    import torch
-
+@pytest.mark.parametrize("engine", [Int8ExactBackend, MlasInt8ExactBackend], ids=["torch", "mlas"])
+def test_int8_error_bound_holds_for_each_engines_products(engine):
+    """The int8 backend's bound (its module's docstring) on this machine's int8 products, torch's `_int_mm` and
+    onnxruntime's MatMulInteger, from a store's own codes and scale, vectors of unequal norms included: the sums are
+    exact, and the scores they give are within the bound, which is tight enough to mean something."""
     rng = np.random.default_rng(12)
-    dim = 128
-    x = rng.normal(size=(20000, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(20000, 1)).astype(np.float32)
+    n, dim = 20000, 128  # n a multiple of the group: no padding rows
+    x = rng.normal(size=(n, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(n, 1)).astype(np.float32)
     q = rng.normal(size=(32, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(32, 1)).astype(np.float32)
-    backend = Int8ExactBackend(dim)
-    backend.add(np.arange(len(x), dtype=np.int64), x)
+    backend = engine(dim)
+    backend.add(np.arange(n, dtype=np.int64), x)
     store = backend.store
-    codes, scales, errors = int8_query_codes(q)
-    products = torch._int_mm(torch.from_numpy(store.int8[: len(x)]), torch.from_numpy(codes).T).numpy()  # [n, B]
-    approx = products.T.astype(np.float64) * store.int8_scale * scales[:, None]
+    keys, (scales, errors) = backend._first_pass(q, n)
+    products = keys.numpy().T.astype(np.int64)  # [B, n]
+    codes, _, _ = int8_query_codes(q, MLAS_QUERY_LEVELS if engine is MlasInt8ExactBackend else INT8_LEVELS)
+    row_codes = store.int8[:n].astype(np.int64) - (128 if engine is MlasInt8ExactBackend else 0)
+    assert (products == codes.astype(np.int64) @ row_codes.T).all()  # exact sums
+    approx = products * store.int8_scale * scales[:, None]
     exact = q.astype(np.float64) @ x.T.astype(np.float64)
     norms = np.linalg.norm(q.astype(np.float64), axis=1)[:, None]
     allowed = norms * store.int8_error + errors[:, None] * (store.max_norm + store.int8_error)
     assert (np.abs(approx - exact) <= allowed).all()
     assert np.abs(approx - exact).max() > 0.05 * allowed.max(), "int8 scores this close: not coded as int8?"
-    assert (products.T == codes.astype(np.int64) @ store.int8[: len(x)].astype(np.int64).T).all()  # exact sums
+
+
+def test_mlas_int8_products_are_exact_at_the_codes_extremes():
+    """MLAS's AVX2 kernel adds pairs of u8·s8 products in int16, saturating: with rows of 0..255 (codes ±127 + 128)
+    and query codes of at most 63, every pair is within int16 and every sum exact, in both signs."""
+    dim = 128
+    backend = MlasInt8ExactBackend(dim)
+    rows = np.array([np.full(dim, 255), np.full(dim, 1), np.tile([255, 1], dim // 2), np.full(dim, 128)], dtype=np.uint8)
+    queries = np.stack([np.full(dim, MLAS_QUERY_LEVELS), np.full(dim, -MLAS_QUERY_LEVELS),
+                        np.tile([MLAS_QUERY_LEVELS, -MLAS_QUERY_LEVELS], dim // 2)], axis=1).astype(np.int8)  # [E, B]
+    products = backend._product().run(None, {"rows": rows, "queries": queries})[0]
+    expected = (rows.astype(np.int64) - 128) @ queries.astype(np.int64)
+    assert expected.max() == 127 * 63 * dim and expected.min() == -127 * 63 * dim
+    assert (products == expected).all()
 
 
 def test_int8_backend_refuses_sizes_whose_sums_could_overflow():
@@ -375,18 +393,21 @@ def test_int8_backend_refuses_sizes_whose_sums_could_overflow():
         Int8ExactBackend(133_145)
 
 
-def test_int8_codes_follow_the_store_and_its_scale():
-    """The int8 codes stay those of the live rows at the store's scale through growth and removals; a row past
-    the scale codes every row again at a larger one; the error bound covers every row; an empty store takes its
-    scale from its first nonzero rows."""
+@pytest.mark.parametrize("unsigned", [False, True], ids=["int8", "uint8+128"])
+def test_int8_codes_follow_the_store_and_its_scale(unsigned):
+    """The int8 codes (as int8, or as uint8 + 128) stay those of the live rows at the store's scale through growth
+    and removals; a row past the scale codes every row again at a larger one; the error bound covers every row; an
+    empty store takes its scale from its first nonzero rows."""
     rng = np.random.default_rng(13)
     store = VectorStore(16)
-    store.keep_int8()
+    store.keep_int8(unsigned=unsigned)
+    offset = 128 if unsigned else 0
+    assert store.int8.dtype == (np.uint8 if unsigned else np.int8)
     store.add(np.arange(3, dtype=np.int64), np.zeros((3, 16), dtype=np.float32))  # all zero: no scale yet
-    assert store.int8_scale == 0 and (store.int8[:3] == 0).all() and store.int8_error == 0
+    assert store.int8_scale == 0 and (store.int8[:3] == offset).all() and store.int8_error == 0
     store.add(np.arange(3, 1503, dtype=np.int64), 0.5 * unit(rng, 1500, 16))
     first = store.int8_scale
-    assert 0 < first <= 0.5 / 127 and np.abs(store.int8[:1503]).max() == 127  # the whole range, nothing clipped
+    assert 0 < first <= 0.5 / 127 and np.abs(store.int8[:1503].astype(int) - offset).max() == 127  # nothing clipped
     store.add(np.arange(1503, 1504, dtype=np.int64), np.full((1, 16), 0.9, dtype=np.float32))  # past the scale
     assert store.int8_scale == pytest.approx(0.9 / 127)
     store.add(np.arange(1504, 3004, dtype=np.int64), 0.5 * unit(rng, 1500, 16))  # grows past the first capacity
@@ -394,7 +415,8 @@ def test_int8_codes_follow_the_store_and_its_scale():
     assert store.int8_scale == pytest.approx(0.9 / 127)  # removal leaves the scale
     _, live = store.live()
     codes, errors = int8_codes(live, store.int8_scale)
-    assert (store.int8[: len(store)] == codes).all()
+    assert store.int8.dtype == (np.uint8 if unsigned else np.int8)  # grown as it was kept
+    assert (store.int8[: len(store)].astype(int) - offset == codes).all()
     assert errors.max() <= store.int8_error
 
 
@@ -457,7 +479,9 @@ def test_amx_and_vnni_detection_reads_the_cpu_flags(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n")
     assert not cpu_has_amx_bf16(info) and cpu_has_avx512_vnni(info)
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx_vnni\n")
-    assert not cpu_has_amx_bf16(info) and not cpu_has_avx512_vnni(info)
+    assert not cpu_has_amx_bf16(info) and not cpu_has_avx512_vnni(info) and cpu_has_avx2(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx\n")
+    assert not cpu_has_avx2(info)
     assert not cpu_has_amx_bf16(tmp_path / "missing") and not cpu_has_avx512_vnni(tmp_path / "missing")
 
 
@@ -466,7 +490,7 @@ def test_backend_choice():
         with pytest.raises(ValueError, match="no GPU"):
             choose_backend_kind("faiss-gpu")
         expected = ("torch" if torch_cuda_available() else "bf16" if cpu_has_amx_bf16()
-                    else "int8" if cpu_has_avx512_vnni() else "blas")
+                    else "int8" if cpu_has_avx512_vnni() or cpu_has_avx2() else "blas")
     else:
         expected = "faiss-gpu"
     assert choose_backend_kind("auto") == expected
@@ -481,7 +505,7 @@ def test_blas_kind_searches_exactly_with_blas_and_approximately_with_faiss_ivf()
     assert make_backend("blas", 8, ivf).name == "faiss-cpu-ivf"
     assert make_backend("bf16", 8).name == "bf16-cpu-exact"
     assert make_backend("bf16", 8, ivf).name == "faiss-cpu-ivf"
-    assert make_backend("int8", 8).name == "int8-cpu-exact"
+    assert make_backend("int8", 8).name == ("int8-cpu-exact" if cpu_has_avx512_vnni() else "int8-mlas-cpu-exact")
     assert make_backend("int8", 8, ivf).name == "faiss-cpu-ivf"
 
 

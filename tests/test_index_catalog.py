@@ -17,6 +17,7 @@ import pytest
 
 from srcid.cli import main as srcid_main
 from srcid.index import persist
+from srcid.index.backends import cpu_has_avx512_vnni
 from srcid.index.catalog import open_catalog
 from srcid.index.catalog_index import open_index_for_catalog
 from srcid.index.config import IndexConfig
@@ -25,6 +26,7 @@ from srcid.index.items import MODALITIES, make_item
 
 DIM = 16
 CPU = IndexConfig(backend="faiss-cpu")
+INT8_NAME = "int8-cpu-exact" if cpu_has_avx512_vnni() else "int8-mlas-cpu-exact"  # the int8 kind's engine on this CPU
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,7 +55,7 @@ def assert_equal_to_catalog(index, cat) -> None:
 
 @pytest.mark.parametrize("config,backend", [(CPU, "faiss-cpu-flat"), (IndexConfig(backend="torch", torch_device="cpu"), "torch-cpu-fp32"),
                                             (IndexConfig(backend="blas"), "blas-cpu-fp32"), (IndexConfig(backend="bf16"), "bf16-cpu-exact"),
-                                            (IndexConfig(backend="int8"), "int8-cpu-exact")],
+                                            (IndexConfig(backend="int8"), INT8_NAME)],
                          ids=["faiss-cpu", "torch-cpu", "blas", "bf16", "int8"])
 def test_search_finds_items_and_validates_queries(catalog_url, tmp_path, config, backend):
     with open_catalog(catalog_url, DIM, "b1") as cat:

@@ -16,7 +16,7 @@ from test_service_support import (
     b64, image_bytes, mp4_bytes, png_claiming, post_concurrently, random_features, wav_bytes,
 )
 
-from srcid.index.backends import choose_backend_kind
+from srcid.index.backends import choose_backend_kind, cpu_has_avx512_vnni
 from srcid.runtime import load_bundle
 from srcid.service.media import build_frontends, cache_key, to_features
 from srcid.service.metrics import Metrics
@@ -77,7 +77,8 @@ def test_health_ready_and_metrics(sqlite_service):
     ready = httpx.get(sqlite_service.url + "/readyz").json()
     assert ready["status"] == "ready"
     assert ready["bundle"]["runtime_backend"] == "onnx-cpu" and ready["bundle"]["modalities"] == ["audio", "video", "text"]
-    cpu_backend = {"bf16": "bf16-cpu-exact", "int8": "int8-cpu-exact", "blas": "blas-cpu-fp32"}[choose_backend_kind()]  # `auto`, no GPU
+    cpu_backend = {"bf16": "bf16-cpu-exact", "blas": "blas-cpu-fp32",  # `auto`, no GPU
+                   "int8": "int8-cpu-exact" if cpu_has_avx512_vnni() else "int8-mlas-cpu-exact"}[choose_backend_kind()]
     assert ready["index"]["backend"] == cpu_backend and ready["index"]["catalog"].startswith("sqlite:///")
     assert set(ready["index"]["counts"]) == {"audio", "video", "text"}
     post(sqlite_service, "/encode", {"modality": "text", "inputs": [{"text": "one two"}]})

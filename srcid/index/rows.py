@@ -86,12 +86,12 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 INT8_LEVELS = 127  # symmetric codes -127..127, so a product of two codes never overflows a 32-bit sum at E < 2^17
 
 
-def int8_codes(x: np.ndarray, scale: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 rows [m, E] -> their int8 codes round(x / scale) [m, E] and each row's rounding error ‖x - scale·codes‖
-    [m] (float64), clipped codes included (a scale under max |x| / 127 makes the errors larger, not wrong). `scale`
-    is one for all rows or one a row [m, 1]."""
+def int8_codes(x: np.ndarray, scale: float | np.ndarray, levels: int = INT8_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """float32 rows [m, E] -> their int8 codes round(x / scale) in -levels..levels [m, E] and each row's rounding
+    error ‖x - scale·codes‖ [m] (float64), clipped codes included (a scale under max |x| / levels makes the errors
+    larger, not wrong). `scale` is one for all rows or one a row [m, 1]."""
     scale = np.asarray(scale, dtype=np.float64)
-    codes = np.clip(np.rint(x / scale.astype(np.float32)), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    codes = np.clip(np.rint(x / scale.astype(np.float32)), -levels, levels).astype(np.int8)
     errors = np.linalg.norm(x.astype(np.float64) - scale * codes.astype(np.float64), axis=1)
     return codes, errors
 
@@ -108,7 +108,8 @@ class VectorStore:
       where searches are cheap anyway (docs/PERFORMANCE.md, Search).
 
     `keep_bf16()` also keeps the rows rounded to bfloat16, uint16 bits [capacity, E] (`bf16`), for the bf16 backend's
-    first pass. `keep_int8()` keeps them as int8 codes [capacity, E] (`int8`) of one scale for all rows
+    first pass. `keep_int8()` keeps them as int8 codes [capacity, E] (`int8`; with `unsigned=True`, uint8 codes + 128,
+    the operand onnxruntime's u8 x s8 product takes) of one scale for all rows
     (`int8_scale`, max |x| / 127 over the rows; a row past it makes every row coded again at a new scale, so a
     store coded while it was empty gets its scale from its first rows), and
     `int8_error`, a bound on every row's ‖x - int8_scale·codes‖. Both keep `max_norm`, a bound on the rows' norms.
@@ -150,10 +151,10 @@ class VectorStore:
             self.bf16 = aligned_empty((len(self.vectors), self.dim), np.uint16)
             self.bf16[: len(live)] = bf16_bits(live)
 
-    def keep_int8(self) -> None:
+    def keep_int8(self, unsigned: bool = False) -> None:
         if self.int8 is None:
             live = self._to_rows()
-            self.int8 = aligned_empty((len(self.vectors), self.dim), np.int8)
+            self.int8 = aligned_empty((len(self.vectors), self.dim), np.uint8 if unsigned else np.int8)
             self._code_int8(float(np.abs(live).max(initial=0.0)))
 
     def _code_int8(self, max_abs: float) -> None:
@@ -167,9 +168,11 @@ class VectorStore:
     def _code_int8_rows(self, rows: slice, vectors: np.ndarray) -> None:
         assert self.int8 is not None
         if self.int8_scale == 0:  # all zero so far, as these vectors are: coded exactly
-            self.int8[rows] = 0
-            return
-        self.int8[rows], errors = int8_codes(vectors, self.int8_scale)
+            codes, errors = np.zeros(vectors.shape, dtype=np.int8), np.zeros(1)
+        else:
+            codes, errors = int8_codes(vectors, self.int8_scale)
+        # Flipping the sign bit of a two's complement int8 adds 128: -127..127 -> 1..255.
+        self.int8[rows] = codes.view(np.uint8) ^ np.uint8(0x80) if self.int8.dtype == np.uint8 else codes
         self.int8_error = max(self.int8_error, float(errors.max(initial=0.0)))
 
     def __len__(self) -> int:
@@ -186,9 +189,9 @@ class VectorStore:
             grown = self._empty(capacity, row_major=self.row_major)
             grown[: rows.start] = self.vectors[: rows.start]
             self.vectors = grown
-            for name, dtype in (("bf16", np.uint16), ("int8", np.int8)):
+            for name in ("bf16", "int8"):
                 if (old := getattr(self, name)) is not None:
-                    mirror = aligned_empty((capacity, self.dim), dtype)
+                    mirror = aligned_empty((capacity, self.dim), old.dtype)
                     mirror[: rows.start] = old[: rows.start]
                     setattr(self, name, mirror)
         vectors = np.asarray(vectors, dtype=np.float32)

@@ -70,7 +70,9 @@ def search_threads(requested: int | None, backend: str) -> int:
     """SRCID_INDEX_THREADS, or by default 2 where the search is the int8 pass and 1 otherwise. With OpenMP's idle
     threads asleep (`srcid serve`), two int8 threads gave /retrieve 1.14-1.27x the throughput at 64 in flight in
     four runs on three 2-vCPU VMs, with a lower p99 there in three; with the bf16 or blas pass, 0.99-1.10x in
-    three runs, the p99 no lower (docs/PERFORMANCE.md, Serve, twentieth session)."""
+    three runs, the p99 no lower (docs/PERFORMANCE.md, Serve, twentieth session). With onnxruntime's int8 product
+    (an AVX2 CPU without VNNI), 1.20x against one thread's 1.04x, both against the blas backend (twenty-second
+    session)."""
     if requested is not None:
         return requested
     return 2 if choose_backend_kind(backend) == "int8" else 1
@@ -78,7 +80,8 @@ def search_threads(requested: int | None, backend: str) -> int:
 
 def _search_threads(requested: int | None, backend: str) -> None:
     """OpenMP's thread count is per calling thread, so each search thread sets faiss's own and torch's (the bf16
-    and int8 backends' products); OpenBLAS's (the blas backend's) is one per process, set by the first."""
+    and int8 backends' products; onnxruntime's int8 product takes torch's); OpenBLAS's (the blas backend's) is one
+    per process, set by the first."""
     n = search_threads(requested, backend)
     if n:
         import faiss
