@@ -1,5 +1,5 @@
-"""Search speed: the CPU exact backends side by side (faiss flat, the blas backend, the bf16 and int8 backends, a
-plain numpy brute force); IVF recall and speed;
+"""Search speed: the CPU exact backends side by side (faiss flat, the blas backend, the bf16 and int8 backends, the
+int8 kind's products torch's with VNNI and onnxruntime's without, a plain numpy brute force); IVF recall and speed;
 with --gpu, the torch-CUDA blocked fp16 exact search against its roofline.
 
     python bench/search.py                          # CPU: 10k, 100k, 1M items x E=512, batch 1 and 64
@@ -30,9 +30,9 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from srcid.index.backends import (BlasFlatBackend, FaissBackend, IvfParams, TorchBlockedBackend, cpu_has_amx_bf16,
-                                   cpu_has_avx512_vnni)
+                                   cpu_has_avx2, cpu_has_avx512_vnni, make_backend)
 from srcid.index.ivf import choose_nlist, recall_at_10, train_centroids, tune_nprobe
-from srcid.index.prefilter import Bf16ExactBackend, Int8ExactBackend
+from srcid.index.prefilter import Bf16ExactBackend
 
 K = 10
 
@@ -113,7 +113,7 @@ def run_cpu(sizes: list[int], dim: int, batches: list[int], ivf_sizes: list[int]
         db = clustered(rng, n, dim, centers)
         keys = np.arange(n, dtype=np.int64)
         flat, blas = FaissBackend(dim), BlasFlatBackend(dim)
-        prefilters = {"bf16": Bf16ExactBackend(dim), "int8": Int8ExactBackend(dim)}
+        prefilters = {"bf16": Bf16ExactBackend(dim), "int8": make_backend("int8", dim)}  # the int8 kind's engine here
         earlier = {name: make(dim) for name, make in zip(("blas", "bf16"), before)} if before else {}
         for backend in (flat, blas, *prefilters.values(), *earlier.values()):
             backend.add(keys, db)
@@ -263,7 +263,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads, user_api="blas")
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "amx_bf16": cpu_has_amx_bf16(),
-               "avx512_vnni": cpu_has_avx512_vnni(),
+               "avx512_vnni": cpu_has_avx512_vnni(), "avx2": cpu_has_avx2(),
                "faiss": faiss.__version__, "numpy": np.__version__, "torch": torch.__version__,
                "faiss_threads": faiss.omp_get_max_threads(), "threads": args.threads, "load_average": os.getloadavg()}
     print(json.dumps(machine))

@@ -315,6 +315,31 @@ def test_prefilter_backends_leave_small_stores_to_blas(kind):
         assert sizes == to_blas and backend.fallbacks == 0
 
 
+@pytest.mark.parametrize("kind", sorted(PREFILTERS))
+def test_prefilter_stores_stay_columns_until_the_first_pass_can_run(kind):
+    """Below the smaller of `min_rows` and `min_rows_single` every search is the blas backend's, so the store keeps
+    the blas layout (columns, where that search is fastest) and no mirror; from that size on, rows and the mirror,
+    kept after removals take it back below. A store that is already that large gets them when the backend is made
+    over it (as the index's load does). Every answer is exact."""
+    rng = np.random.default_rng(9)
+    n, dim = 4000, 16
+    keys, vectors = np.arange(n, dtype=np.int64), unit(rng, n, dim)
+    queries = unit(rng, 3, dim)
+    backend = PREFILTERS[kind](dim, group=8, min_rows=3000, min_rows_single=2000)
+    backend.add(keys[:1999], vectors[:1999])
+    assert not backend.store.row_major and backend.store.bf16 is None and backend.store.int8 is None
+    assert (backend.search(queries, 10)[1] == brute_force(queries, keys[:1999], vectors[:1999], 10)).all()
+    backend.add(keys[1999:], vectors[1999:])
+    assert backend.store.row_major and (backend.store.bf16 is not None) != (backend.store.int8 is not None)
+    backend.remove(keys[:2500].tolist())
+    assert backend.store.row_major
+    live_keys, live = backend.store.live()
+    assert (backend.search(queries, 10)[1] == brute_force(queries, live_keys, live, 10)).all()
+    store = VectorStore(dim)
+    store.add(keys, vectors)
+    assert PREFILTERS[kind](dim, store, min_rows=3000, min_rows_single=2000).store.row_major
+
+
 def test_bf16_error_bound_holds_for_torch_bf16_products():
     """The bound the bf16 backend's proof rests on, checked on this machine's bf16 kernel (a kernel that summed in
     bf16 instead of float32 would break it), vectors of unequal norms included."""
@@ -357,7 +382,7 @@ def test_int8_error_bound_holds_for_each_engines_products(engine):
     n, dim = 20000, 128  # n a multiple of the group: no padding rows
     x = rng.normal(size=(n, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(n, 1)).astype(np.float32)
     q = rng.normal(size=(32, dim)).astype(np.float32) * rng.uniform(0.1, 3, size=(32, 1)).astype(np.float32)
-    backend = engine(dim)
+    backend = engine(dim, min_rows=0, min_rows_single=0)  # the mirror from the first row on
     backend.add(np.arange(n, dtype=np.int64), x)
     store = backend.store
     keys, (scales, errors) = backend._first_pass(q, n)

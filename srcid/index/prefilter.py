@@ -69,7 +69,9 @@ class PrefilterBackend(StoreBackend):
     best `want` = per_k·k + extra rows per query (2k + 16 for bf16, 4k + 16 for int8) from the store's float32 rows,
     the blas backend for the queries whose answer that cannot prove (`_left_out_bound`). Stores under `min_rows` rows
     (`min_rows_single` for one query), or too few for the candidates, go to the blas backend directly: there the
-    pass's fixed cost, a dozen small torch calls, outweighs its speed."""
+    pass's fixed cost, a dozen small torch calls, outweighs its speed. Until a store first reaches the smaller of the
+    two, it stays column by column and keeps no mirror, so those searches are as fast as the blas backend's own (over
+    rows its product is slower: 100k x 128, one query 3.8 against 1.9 ms, 2 queries 10.9 against 5.1)."""
 
     per_k, extra = 2, 16  # want = per_k·k + extra candidates a query
     min_rows, min_rows_single = 10_000, 40_000  # each kind's own, from its crossovers with the blas backend
@@ -80,7 +82,6 @@ class PrefilterBackend(StoreBackend):
 
         super().__init__(dim, store)
         self.torch = torch
-        self._keep_mirror()
         self.exact = BlasFlatBackend(dim, self.store)
         self.group = group
         self.block_rows = -(-block_rows // group) * group
@@ -88,6 +89,16 @@ class PrefilterBackend(StoreBackend):
             self.min_rows = min_rows
         if min_rows_single is not None:
             self.min_rows_single = min_rows_single
+        self._keep_mirror_once_large()
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        super().add(keys, vectors)
+        self._keep_mirror_once_large()
+
+    def _keep_mirror_once_large(self) -> None:
+        """The mirror (and the rows) from the size on where a search may take the first pass; kept once kept."""
+        if len(self.store) >= min(self.min_rows, self.min_rows_single):
+            self._keep_mirror()
 
     @abstractmethod
     def _keep_mirror(self) -> None:
@@ -183,10 +194,13 @@ class Int8ExactBackend(PrefilterBackend):
     min_rows, min_rows_single = 20_000, 40_000
     unsigned_rows = False  # the store's codes as int8, or as uint8 + 128
 
-    def _keep_mirror(self) -> None:
-        if self.dim * INT8_LEVELS**2 >= 2**31:
-            raise ValueError(f"int8 backend: E = {self.dim} is too large for int32 sums of int8 products (it takes "
+    def __init__(self, dim: int, *args: Any, **kwargs: Any):
+        if dim * INT8_LEVELS**2 >= 2**31:
+            raise ValueError(f"int8 backend: E = {dim} is too large for int32 sums of int8 products (it takes "
                              f"E < {2**31 // INT8_LEVELS**2}); use the blas backend")
+        super().__init__(dim, *args, **kwargs)
+
+    def _keep_mirror(self) -> None:
         self.store.keep_int8(unsigned=self.unsigned_rows)
 
     def _first_pass(self, q: np.ndarray, padded: int) -> tuple[Any, Any]:
@@ -226,7 +240,8 @@ class MlasInt8ExactBackend(Int8ExactBackend):
     for 32, 26.6 against 24.9 for 64 and 3.8 against 2.3 for one (the blas backend over its columns). Against the
     blas search over rows, where this backend leaves small stores and unsettled queries: at 20k rows that was as
     fast or faster for 1 and 32 queries (0.38 against 0.98 ms, 3.2 against 3.6), at 50k this pass won at every
-    batch size tried (1.08-2.81x); hence `min_rows` and `min_rows_single` 50k. In the service, where it has two
+    batch size tried (1.08-2.81x); hence `min_rows` and `min_rows_single` 50k, below which the store stays column
+    by column (PrefilterBackend). In the service, where it has two
     threads, /retrieve served 1.20x and 1.43x the blas backend's requests at 64 and 16 in flight."""
 
     name = "int8-mlas-cpu-exact"
