@@ -261,9 +261,11 @@ def test_srcid_serve_lets_openmp_threads_sleep_unless_told_otherwise(monkeypatch
 
 def test_search_threads_default_to_two_for_the_int8_pass_and_one_otherwise(monkeypatch):
     """SRCID_INDEX_THREADS unset: 2 search threads where the index backend is int8 (explicit, or what `auto` picks
-    on this CPU), 1 otherwise; a value given is kept. The thread count lands in the search thread itself."""
+    on this CPU), 1 otherwise; a value given is kept. The thread count lands in the search thread itself; OpenBLAS
+    (one count for the process) keeps one thread unless the count was given."""
     import threading
 
+    import threadpoolctl
     import torch
 
     from srcid.index.backends import choose_backend_kind
@@ -276,13 +278,17 @@ def test_search_threads_default_to_two_for_the_int8_pass_and_one_otherwise(monke
     assert search_threads(None, "blas") == search_threads(None, "bf16") == search_threads(None, "faiss-cpu") == 1
     assert search_threads(None, "auto") == (2 if choose_backend_kind("auto") == "int8" else 1)
     assert search_threads(3, "int8") == 3 and search_threads(0, "blas") == 0
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
+    blas: list[int] = []  # OpenBLAS's count is the process's: asked for here, not set, so other tests keep theirs
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda limits, user_api: blas.append(limits))
 
-    def search_thread() -> None:
-        _search_threads(None, "int8")
-        seen.append(torch.get_num_threads())
+    def search_thread(requested: int | None) -> None:
+        _search_threads(requested, "int8")
+        seen.append((torch.get_num_threads(), blas[-1]))
 
-    thread = threading.Thread(target=search_thread)  # torch's count is the calling thread's (OpenMP's), as here
-    thread.start()
-    thread.join()
-    assert seen == [2]
+    for requested in (None, 2):
+        thread = threading.Thread(target=search_thread, args=(requested,))  # torch's count is the thread's own
+        thread.start()
+        thread.join()
+    # By default the second thread is the int8 pass's alone; OpenBLAS keeps one unless the count was given.
+    assert seen == [(2, 1), (2, 2)]

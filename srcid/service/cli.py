@@ -21,7 +21,7 @@ FLAGS: list[tuple[str, str, type, str]] = [
     ("--api-key", "api_key", str, "Bearer key for POST/DELETE /items (SRCID_API_KEY; prefer the variable)"),
     ("--runtime-backend", "runtime_backend", str, "onnx-cpu, onnx-cuda, torch-cuda, torch-cpu, auto"),
     ("--runtime-threads", "runtime_threads", int, "onnxruntime intra-op threads (SRCID_RUNTIME_THREADS, 1; 0: all cores)"),
-    ("--index-threads", "index_threads", int, "CPU search threads, faiss OpenMP, torch and BLAS (SRCID_INDEX_THREADS; 2 with the int8 backend, else 1; 0: all cores)"),
+    ("--index-threads", "index_threads", int, "CPU search threads, faiss OpenMP, torch and BLAS (SRCID_INDEX_THREADS; 2 with the int8 backend, else 1, and BLAS 1; 0: all cores)"),
     ("--index-backend", "index_backend", str, "blas, bf16, int8, faiss-cpu, faiss-gpu, torch, auto"),
     ("--index-kind", "index_kind", str, "flat (exact, default) or ivf (approximate; SRCID_INDEX_KIND)"),
     ("--ivf-min-items", "ivf_min_items", int, "index-kind ivf: items per modality before IVF (SRCID_IVF_MIN_ITEMS, 50000)"),

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     # (docs/PERFORMANCE.md, Serve). The search threads' default is the state's `search_threads`.
     runtime_threads: int = Field(1, ge=0, description="onnxruntime intra-op threads (0: its default, all cores)")
     index_threads: int | None = Field(None, ge=0, description="threads of CPU search, faiss OpenMP, torch and BLAS "
-                                      "(default: 2 with the int8 backend, else 1; 0: their default, all cores)")
+                                      "(default: 2 with the int8 backend, else 1, and BLAS 1; 0: their default, "
+                                      "all cores)")
     index_backend: str = Field("auto", description="blas, bf16, int8, faiss-cpu, faiss-gpu, torch or auto")
     index_kind: Literal["flat", "ivf"] = Field(
         "flat", description="flat: exact search; ivf: approximate, for modalities of ivf_min_items or more")

@@ -81,7 +81,7 @@ def search_threads(requested: int | None, backend: str) -> int:
 def _search_threads(requested: int | None, backend: str) -> None:
     """OpenMP's thread count is per calling thread, so each search thread sets faiss's own and torch's (the bf16
     and int8 backends' products; onnxruntime's int8 product takes torch's); OpenBLAS's (the blas backend's) is one
-    per process, set by the first."""
+    per process, set by the first: one unless SRCID_INDEX_THREADS gives it."""
     n = search_threads(requested, backend)
     if n:
         import faiss
@@ -90,7 +90,10 @@ def _search_threads(requested: int | None, backend: str) -> None:
 
         faiss.omp_set_num_threads(n)
         torch.set_num_threads(n)
-        threadpool_limits(n, user_api="blas")
+        # The int8 kind's second thread by default is its first pass's. OpenBLAS searches that kind's small stores,
+        # where two threads served 0.81x the /retrieve requests of one at 64 in flight over 20k items (the other
+        # vCPU is the event loop's), so it keeps one unless the count was given (docs/PERFORMANCE.md, Serve).
+        threadpool_limits(n if requested is not None else 1, user_api="blas")
 
 
 def _running(pid: int) -> bool:
