@@ -64,14 +64,15 @@ def int8_query_codes(q: np.ndarray, levels: int = INT8_LEVELS) -> tuple[np.ndarr
 
 
 class PrefilterBackend(StoreBackend):
-    """Exact search over a VectorStore (the index's own, searched in place like the blas backend's, or one of its
-    own): a low-precision first pass over the store's mirror of its rows (`_first_pass`), float32 re-scoring of the
-    best `want` = per_k·k + extra rows per query (2k + 16 for bf16, 4k + 16 for int8) from the store's float32 rows,
-    the blas backend for the queries whose answer that cannot prove (`_left_out_bound`). Stores under `min_rows` rows
-    (`min_rows_single` for one query), or too few for the candidates, go to the blas backend directly: there the
-    pass's fixed cost, a dozen small torch calls, outweighs its speed. Until a store first reaches the smaller of the
-    two, it stays column by column and keeps no mirror, so those searches are as fast as the blas backend's own (over
-    rows its product is slower: 100k x 128, one query 3.8 against 1.9 ms, 2 queries 10.9 against 5.1)."""
+    """Exact search over a VectorStore (the index's own, searched in place like the blas backend's, or one of its own):
+    a low-precision first pass over the store's mirror of its rows (`_first_pass`), float32 re-scoring of the best
+    `want` = per_k·k + extra rows per query (2k + 16 for bf16, 4k + 16 for int8, 6k + 16 for int8 through
+    onnxruntime) from the store's float32 rows, the blas backend for the queries whose answer that cannot prove
+    (`_left_out_bound`). Stores under `min_rows` rows (`min_rows_single` for one query), or too few for the
+    candidates, go to the blas backend directly: there the pass's fixed cost, a dozen small torch calls, outweighs
+    its speed. Until a store first reaches the smaller of the two, it stays column by column and keeps no mirror, so
+    those searches are as fast as the blas backend's own (over rows its product is slower: 100k x 128, one query 3.8
+    against 1.9 ms, 2 queries 10.9 against 5.1)."""
 
     per_k, extra = 2, 16  # want = per_k·k + extra candidates a query
     min_rows, min_rows_single = 10_000, 40_000  # each kind's own, from its crossovers with the blas backend
@@ -238,14 +239,14 @@ class MlasInt8ExactBackend(Int8ExactBackend):
     (docs/PERFORMANCE.md, Search): the product of 100k rows and 32 queries 9.0 ms against 12.2 for the float32 one,
     of 8 queries 2.7 against 5.5; the whole search of 100k rows 4.1 against 6.2 ms for 8 queries, 13.2 against 13.9
     for 32, 26.6 against 24.9 for 64 and 3.8 against 2.3 for one (the blas backend over its columns). Against the
-    blas search over rows, where this backend leaves small stores and unsettled queries: at 20k rows that was as
-    fast or faster for 1 and 32 queries (0.38 against 0.98 ms, 3.2 against 3.6), at 50k this pass won at every
-    batch size tried (1.08-2.81x); hence `min_rows` and `min_rows_single` 50k, below which the store stays column
-    by column (PrefilterBackend). In the service, where it has two
-    threads, /retrieve served 1.20x and 1.43x the blas backend's requests at 64 and 16 in flight."""
+    blas search over rows (the one a store kept row by row takes): at 20k rows that was as fast or faster for 1 and
+    32 queries (0.38 against 0.98 ms, 3.2 against 3.6), at 50k this pass won at every batch size tried (1.08-2.81x);
+    hence `min_rows` and `min_rows_single` 50k, below which the store stays column by column (PrefilterBackend). In
+    the service, with the int8 kind's two search threads, /retrieve served 1.20x and 1.43x the blas backend's
+    requests at 64 and 16 in flight."""
 
     name = "int8-mlas-cpu-exact"
-    per_k = 6  # its queries' coarser codes widen the bound: at 4k + 16, 1.3 % of random queries at 100k were searched again
+    per_k = 6  # coarser query codes widen the bound: at 4k + 16, 1.3 % of random queries at 100k were searched again
     min_rows, min_rows_single = 50_000, 50_000
     unsigned_rows = True
     _session: Any = None
