@@ -403,7 +403,8 @@ def test_mlas_int8_products_are_exact_at_the_codes_extremes():
     and query codes of at most 63, every pair is within int16 and every sum exact, in both signs."""
     dim = 128
     backend = MlasInt8ExactBackend(dim)
-    rows = np.array([np.full(dim, 255), np.full(dim, 1), np.tile([255, 1], dim // 2), np.full(dim, 128)], dtype=np.uint8)
+    rows = np.array([np.full(dim, 255), np.full(dim, 1), np.tile([255, 1], dim // 2), np.full(dim, 128)],
+                    dtype=np.uint8)
     queries = np.stack([np.full(dim, MLAS_QUERY_LEVELS), np.full(dim, -MLAS_QUERY_LEVELS),
                         np.tile([MLAS_QUERY_LEVELS, -MLAS_QUERY_LEVELS], dim // 2)], axis=1).astype(np.int8)  # [E, B]
     products = backend._product().run(None, {"rows": rows, "queries": queries})[0]

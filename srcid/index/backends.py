@@ -374,7 +374,8 @@ def make_backend(kind: str, dim: int, ivf: IvfParams | None = None, torch_device
                  store: VectorStore | None = None) -> SearchBackend:
     """A fresh, empty backend, or with kind="blas", "bf16" or "int8" one that searches `store` in place. IVF runs on
     faiss only: with kind="torch" an IVF request falls back to exact search, with the CPU kinds it is faiss's IVF."""
-    from srcid.index.prefilter import Bf16ExactBackend, Int8ExactBackend, MlasInt8ExactBackend  # it builds on this module
+    # prefilter builds on this module
+    from srcid.index.prefilter import Bf16ExactBackend, Int8ExactBackend, MlasInt8ExactBackend
 
     if kind in ("blas", "bf16", "int8") and ivf is not None:
         return FaissBackend(dim, ivf, gpu=False)

@@ -32,8 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kind", choices=["flat", "ivf"], default="flat", help="exact search (default) or IVF")
     parser.add_argument("--backend", choices=list(BACKEND_KINDS), default="auto",
                         help="auto: faiss-gpu if available, else torch on CUDA, else bf16 on a CPU with AMX (exact: "
-                        "a bf16 pass, float32 re-scoring), else int8 on a CPU with AVX-512 VNNI or AVX2 (the same with an "
-                        "int8 pass: torch's product with VNNI, onnxruntime's without), else blas (exact search by numpy BLAS); IVF is faiss's on the CPU")
+                        "a bf16 pass, float32 re-scoring), else int8 on a CPU with AVX-512 VNNI or AVX2 (the same "
+                        "with an int8 pass: torch's product with VNNI, onnxruntime's without), else blas (exact "
+                        "search by numpy BLAS); IVF is faiss's on the CPU")
     parser.add_argument("--ivf-min-items", type=int, default=50_000, help="modalities smaller than this stay exact")
     parser.add_argument("--ivf-target-recall", type=float, default=0.95,
                         help="IVF: smallest nprobe whose measured recall@10 against exact search reaches this")
