@@ -157,8 +157,8 @@ def test_listed_features_key_by_the_array_the_check_reads_whichever_parser_read_
     x = random_features("audio", 2)
     key = lambda features: cache_key("v1-bundle", "audio", InputFields(features=features))  # noqa: E731
     as_json = orjson.dumps({"features": x.tolist()})
-    simdjson_read = parse_body(as_json)["features"]
-    assert isinstance(simdjson_read, np.ndarray) and key(simdjson_read) == key(orjson.loads(as_json)["features"])
+    array_read = parse_body(as_json)["features"]
+    assert isinstance(array_read, np.ndarray) and key(array_read) == key(orjson.loads(as_json)["features"])
     integers = np.arange(x.size).reshape(x.shape) - 600
     assert key(integers.tolist()) == key(integers.astype(np.float64)) == key((integers * 1.0).tolist())
     assert key(x.tolist()) != key(x.reshape(x.shape[1], x.shape[0]).tolist())  # same numbers, another shape

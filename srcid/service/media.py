@@ -91,8 +91,8 @@ def _listed_features_key(value: Any) -> bytes:
     """What keys listed features: the dtype, shape and bytes of the array that the features check reads them as
     (`_feature_array`), so the key fixes the float32 rows encoded. ~10 µs for [10, 128] on the event loop, against
     ~400 for printing the numbers as JSON. Integers up to 2^53 key as the float64s they equal, which float32 rounds
-    alike: such features key the same whether simdjson (float64) or orjson (int) read the body. Features the check
-    will refuse (ragged, not numbers) key by their JSON, apart from every array."""
+    alike: such features key the same whether the body parser (float64) or orjson (int) read the body. Features the
+    check will refuse (ragged, not numbers) key by their JSON, apart from every array."""
     try:
         x = _listed_array(value, "features")
     except BadInput:

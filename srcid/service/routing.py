@@ -1,6 +1,6 @@
-"""Route classes. Every JSON body is parsed with orjson, and the listed features of a body on the hot path with
-simdjson (srcid/service/bodies.py): a /encode body of precomputed features is mostly numbers, and the standard
-library's json.loads of it was once the largest single cost on the event loop.
+"""Route classes. Every JSON body is parsed with orjson, and a body on the hot path that lists features with this
+project's C parser (srcid/service/bodies.py): a /encode body of precomputed features is mostly numbers, and the
+standard library's json.loads of it was once the largest single cost on the event loop.
 
 `JSONBodyRoute`, for the endpoints on the hot path (/encode, /retrieve): the body validated against its model
 directly, the endpoint awaited, its answer (a dict of JSON values and numpy arrays) written by orjson (0.8 µs a
