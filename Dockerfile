@@ -35,12 +35,20 @@ ENV PATH=/opt/venv/bin:$PATH \
 # ---- builder: wheels for srcid and every dependency; the runtime installs from them with no index
 FROM base AS wheels
 ARG VARIANT
+# A C compiler for srcid's one extension (srcid/service/_bodyjson.c, the request body parser) and, on the CUDA
+# image's system Python, its headers (the python images carry theirs). Only this stage compiles: the runtime
+# installs the built wheel. Versions come with the base image's release, as above.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && if [ "$VARIANT" = gpu ]; then apt-get install -y --no-install-recommends gcc libc6-dev python3-dev; \
+    else apt-get install -y --no-install-recommends gcc libc6-dev; fi \
+ && rm -rf /var/lib/apt/lists/*
 # torch from PyTorch's own index: PyPI's default Linux torch wheel is the multi-GB CUDA build. The local
 # version (+cpu / +cu128) sorts above PyPI's plain 2.13.0, so pip takes it for the pinned torch==2.13.0.
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_GPU_INDEX_URL=https://download.pytorch.org/whl/cu128
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY srcid ./srcid
 RUN --mount=type=cache,target=/root/.cache/pip \
     if [ "$VARIANT" = gpu ]; then index="$TORCH_GPU_INDEX_URL"; target=".[gpu]"; \

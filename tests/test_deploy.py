@@ -235,6 +235,11 @@ def test_dockerfile_image_config():
     copied = [source for stage in stages.values() for keyword, args in stage.instructions
               if keyword == "COPY" and not args.startswith("--from") for source in args.split()[:-1]]
     assert copied and all(source.rstrip("/") in allowed for source in copied), (copied, allowed)
+    # setup.py's C extension is compiled in the wheels stage, before its `pip wheel`; the runtime gets no compiler.
+    runs = [args for keyword, args in stages["wheels"].instructions if keyword == "RUN"]
+    compiler = next(i for i, args in enumerate(runs) if re.search(r"apt-get install .*\bgcc\b", args))
+    assert compiler < next(i for i, args in enumerate(runs) if "pip wheel" in args)
+    assert not any("gcc" in args for keyword, args in stages["runtime"].instructions)
 
 
 def compose_variants() -> list[tuple[str, ...]]:
@@ -373,9 +378,12 @@ def test_the_wheel_carries_every_file_of_the_package(image_site):
     shipped = {p.relative_to(ROOT) for p in (ROOT / "srcid").rglob("*")
                if p.is_file() and not any(p.match(pattern) or any(part == pattern for part in p.parts)
                                           for pattern in excluded)}
-    missing = sorted(str(p) for p in shipped if not (image_site / p).is_file())
+    sources = {p for p in shipped if p.suffix == ".c"}  # C extensions: the wheel carries them compiled
+    missing = sorted(str(p) for p in shipped - sources if not (image_site / p).is_file())
     assert not missing, (f"{len(missing)} files of srcid/ are not in the wheel, e.g. {missing[:5]}: declare them "
                          "as package data in pyproject.toml ([tool.setuptools.package-data] srcid = [\"assets/**/*\"])")
+    uncompiled = sorted(str(p) for p in sources if not list((image_site / p.parent).glob(f"{p.stem}.*.so")))
+    assert not uncompiled, f"the wheel has no compiled module of {uncompiled}: setup.py's ext_modules must name it"
 
 
 # ---------------------------------------------------------------- the entry command, outside Docker
