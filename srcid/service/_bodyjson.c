@@ -270,8 +270,7 @@ static PyObject *read_rectangle(Reader *r) {
             if (depth == MAX_DIMS)
                 goto not_rectangle;
             items[depth++] = 0;
-            p++;
-            p = past_space(p, end);
+            p = past_space(p + 1, end);
             if (p >= end || *p == ']')
                 goto not_rectangle;
             continue;
@@ -303,8 +302,7 @@ static PyObject *read_rectangle(Reader *r) {
             r->count++;
             items[depth - 1]++;
             if (after == ',') {
-                p++;
-                p = past_space(p, end);
+                p = past_space(p + 1, end);
                 if (p >= end)
                     goto not_rectangle;
                 if (*p == '[')
@@ -319,8 +317,7 @@ static PyObject *read_rectangle(Reader *r) {
             if (p >= end)
                 goto not_rectangle;
             if (*p == ',') {
-                p++;
-                p = past_space(p, end);
+                p = past_space(p + 1, end);
                 if (p >= end)
                     goto not_rectangle;
                 break;
@@ -365,16 +362,38 @@ not_rectangle:
     return NULL;
 }
 
-static PyObject *read_object(Reader *r) {
+/* Past the opening bracket at r->p: 1 if the object or array is empty (r->p past `closer`), 0 if members follow. */
+static int open_container(Reader *r, char closer) {
     r->p++;
-    PyObject *dict = PyDict_New();
-    if (dict == NULL)
-        return NULL;
     skip_space(r);
-    if (r->p < r->end && *r->p == '}') {
+    if (r->p < r->end && *r->p == closer) {
         r->p++;
-        return dict;
+        return 1;
     }
+    return 0;
+}
+
+/* After a member: 1 if another follows (r->p at it), 0 if the container closed (r->p past `closer`), -1 with
+ * Declined set. */
+static int next_member(Reader *r, char closer) {
+    skip_space(r);
+    if (r->p < r->end && *r->p == ',') {
+        r->p++;
+        skip_space(r);
+        return 1;
+    }
+    if (r->p < r->end && *r->p == closer) {
+        r->p++;
+        return 0;
+    }
+    PyErr_SetNone(Declined);
+    return -1;
+}
+
+static PyObject *read_object(Reader *r) {
+    PyObject *dict = PyDict_New();
+    if (dict == NULL || open_container(r, '}'))
+        return dict;
     for (;;) {
         if (r->p >= r->end || *r->p != '"')
             goto bad;
@@ -411,17 +430,11 @@ static PyObject *read_object(Reader *r) {
             goto fail;
         if (PyDict_GET_SIZE(dict) == before)
             goto bad;
-        skip_space(r);
-        if (r->p < r->end && *r->p == ',') {
-            r->p++;
-            skip_space(r);
-            continue;
-        }
-        if (r->p < r->end && *r->p == '}') {
-            r->p++;
+        int more = next_member(r, '}');
+        if (more < 0)
+            goto fail;
+        if (!more)
             return dict;
-        }
-        goto bad;
     }
 bad:
     PyErr_SetNone(Declined);
@@ -431,15 +444,9 @@ fail:
 }
 
 static PyObject *read_array(Reader *r) {
-    r->p++;
     PyObject *list = PyList_New(0);
-    if (list == NULL)
-        return NULL;
-    skip_space(r);
-    if (r->p < r->end && *r->p == ']') {
-        r->p++;
+    if (list == NULL || open_container(r, ']'))
         return list;
-    }
     for (;;) {
         PyObject *value = read_value(r);
         if (value == NULL)
@@ -448,18 +455,11 @@ static PyObject *read_array(Reader *r) {
         Py_DECREF(value);
         if (failed)
             goto fail;
-        skip_space(r);
-        if (r->p < r->end && *r->p == ',') {
-            r->p++;
-            skip_space(r);
-            continue;
-        }
-        if (r->p < r->end && *r->p == ']') {
-            r->p++;
+        int more = next_member(r, ']');
+        if (more < 0)
+            goto fail;
+        if (!more)
             return list;
-        }
-        PyErr_SetNone(Declined);
-        goto fail;
     }
 fail:
     Py_DECREF(list);
